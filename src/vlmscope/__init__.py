@@ -1,0 +1,20 @@
+"""vlmscope: see how vision-language models use the image, and steer them to hallucinate less."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vlmscope.errors import InputError, UnsupportedModelError, VlmscopeError
+
+__version__ = "0.1.0"
+__all__ = ["load", "VlmscopeError", "InputError", "UnsupportedModelError", "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vlmscope.api import VLM
+
+
+def load(model: str, device: str | None = None, dtype: Any = None, **kwargs: Any) -> VLM:
+    """Load a vision-language model by hub id, local directory or built-in name (see `vlmscope.api.load`)."""
+    from vlmscope.api import load as _load
+
+    return _load(model, device=device, dtype=dtype, **kwargs)
