@@ -1,0 +1,88 @@
+"""Evaluation runners: seed-flag translation, resumable stores (no duplicates after a kill)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vlmscope.eval.results import JsonlResults, merge, shard
+from vlmscope.eval.seed_flags import add_seed_flags, method_specs
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_seed_flags(parser)
+    return parser.parse_args(["--data-path", "x", *argv])
+
+
+@pytest.mark.parametrize("argv, decoding, interventions", [
+    ([], "greedy", []),
+    (["--beam", "5"], "beam:num_beams=5", []),
+    (["--beam", "5", "--scale_factor", "50", "--threshold", "15"], "opera:num_beams=5,scale_factor=50.0,threshold=15", []),
+    (["--use-attn", "--alpha", "0.5"], "greedy", ["pai:alpha=0.5,start_layer=2,end_layer=32"]),
+    (["--use-attn", "--use-cfg", "--gamma", "1.1"], "greedy", ["pai:alpha=0.2,start_layer=2,end_layer=32,cfg=true,gamma=1.1"]),
+    (["--use-aai", "--start-layer", "3"], "greedy", ["aai:alpha=0.3,beta=1.0,start_layer=3,end_layer=32"]),
+])
+def test_seed_flags(argv, decoding, interventions):
+    assert method_specs(parse(argv)) == (decoding, interventions)
+
+
+def test_store_resumes_without_duplicates(tmp_path):
+    path = tmp_path / "captions.jsonl"
+    store = JsonlResults(path, "image_id")
+    store.append([{"image_id": 1, "caption": "a"}, {"image_id": 2, "caption": "b"}])
+    with open(path, "a") as f:  # a writer killed mid-line
+        f.write('{"image_id": 3, "capt')
+    store = JsonlResults(path, "image_id")
+    assert store.done() == {1, 2}
+    store.append([{"image_id": 2, "caption": "again"}, {"image_id": 3, "caption": "c"}])
+    rows = list(JsonlResults(path, "image_id").rows())
+    assert [r["image_id"] for r in rows] == [1, 2, 3] and rows[1]["caption"] == "b"
+
+
+def test_killed_writer_then_restart_gives_exactly_n_rows(tmp_path):
+    """SIGKILL a process that appends rows slowly, restart it, and count unique rows."""
+    path = tmp_path / "rows.jsonl"
+    script = textwrap.dedent(f"""
+        import time, sys
+        from vlmscope.eval.results import JsonlResults
+        store = JsonlResults({str(path)!r}, "question_id")
+        for i in range(40):
+            if i not in store.done():
+                store.append([{{"question_id": i, "answer": "yes " * 200}}])
+                time.sleep(0.01)
+        print("done")
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    import time
+
+    deadline = time.time() + 30
+    while (not path.exists() or path.stat().st_size < 5000) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert "done" in out.stdout
+    ids = [r["question_id"] for r in JsonlResults(path, "question_id").rows()]
+    assert sorted(ids) == list(range(40)) and len(ids) == 40
+
+
+def test_shard_and_merge(tmp_path):
+    items = list(range(10))
+    parts = [shard(items, r, 3) for r in range(3)]
+    assert sorted(sum(parts, [])) == items
+    paths = []
+    for rank, part in enumerate(parts):
+        p = tmp_path / f"rank{rank}.jsonl"
+        JsonlResults(p, "image_id").append({"image_id": i} for i in part)
+        paths.append(p)
+    merge(paths, tmp_path / "all.jsonl", "image_id")
+    merge(paths, tmp_path / "all.jsonl", "image_id")  # merging twice adds nothing
+    assert sorted(r["image_id"] for r in JsonlResults(tmp_path / "all.jsonl", "image_id").rows()) == items
