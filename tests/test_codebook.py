@@ -535,3 +535,13 @@ def test_build_cli_and_bad_input(tmp_path, image_dir, capsys):
                          "--out", str(tmp_path / "x.pt"), "--no-progress"])
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_side_store_survives_a_cut_header(tmp_path):
+    from vlmscope.codebook.build import PartsStore
+
+    path = tmp_path / "cb.pt.parts.jsonl"
+    path.write_text('{"kind":"header","form')
+    store = PartsStore(path, {"model": "m", "width": 4, "settings": {}})
+    assert store.records == {}
+    assert json.loads(path.read_text().splitlines()[0])["model"] == "m"

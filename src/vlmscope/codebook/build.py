@@ -334,6 +334,11 @@ class PartsStore:
             header = json.loads(lines[0])
         except (ValueError, IndexError):
             header = None
+        if header is None and len(lines) == 1:
+            # Interrupted while writing the header: nothing was stored yet.
+            self.path.write_text("")
+            self._append(self.header)
+            return
         if header != self.header:
             raise InputError(
                 f"{self.path} was written by a build with another model or other per-image settings: "

@@ -11,6 +11,11 @@ per-row `image_newline` tokens are replaced by a single one at the end (the refe
 features are the stock packed ones, so the padding areas of the tiles are already unpadded away and the order
 is the packed one (base raster, then the tile grid row-major) rather than crop by crop. A row from which
 nothing is dropped is left exactly as the stock model sees it, so a threshold above 1 is the baseline.
+
+`run.image_tokens` (and `GenerationResult.image_tokens`) count the image tokens actually fed, the closing
+newline included. The intervention composes with methods that act on the attention plan or the logits; a method
+that re-encodes the image into the prompt itself (a second vision pass over `batch.model_inputs`) would meet
+the compacted prompt and is not supported after it.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class CodebookPruning(Intervention):
             self._codebook = load_codebook(self.path)
         return self._codebook
 
+    @torch.no_grad()
     def prepare(self, run: GenerationRun) -> None:
         check_family(run.adapter, "codebook pruning")
         if run.inputs_embeds is not None:
