@@ -29,10 +29,12 @@ __all__ = ["sent_tokenize", "treebank_tokenize", "word_tokenize"]
 # without the final period).
 ABBREVIATIONS = frozenset(
     """
-    mr mrs ms dr st jr sr vs etc e.g i.e u.s u.k u.s.a inc co corp ltd mt ft no approx dept est fig
-    jan feb mar apr jun jul aug sep sept oct nov dec mon tue wed thu fri sat sun prof gen col lt sgt capt
+    mr mrs ms dr st jr sr vs etc e.g i.e u.s u.k u.s.a inc co corp ltd mt ft approx dept
+    jan feb apr jun jul aug sep sept oct nov dec tue thu fri prof lt sgt capt
     """.split()
 )
+# Deliberately absent although Punkt may know them: words that end lower-case caption sentences far more
+# often than they abbreviate ("sun", "sat", "mar", "wed", "no", "fig", "gen", "col").
 
 _CLOSERS = "\"')]}"
 _NUMBER = re.compile(r"^-?[.,]?\d[\d,.\-]*\.?$")
