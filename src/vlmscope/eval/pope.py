@@ -237,6 +237,9 @@ def pope_scores(
     ans = list(answers)
     keyed = bool(ans) and all(isinstance(a, Mapping) and a.get("question_id") is not None for a in ans)
     if keyed:
+        ids = [q["question_id"] for q in qs]
+        if len(set(ids)) != len(ids):
+            raise InputError("question ids repeat (several splits?); score each split separately or give answers in question order")
         by_id: dict[Any, Any] = {}
         for a in ans:
             by_id[a["question_id"]] = _answer_text(a)
