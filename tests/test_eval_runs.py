@@ -86,3 +86,38 @@ def test_shard_and_merge(tmp_path):
     merge(paths, tmp_path / "all.jsonl", "image_id")
     merge(paths, tmp_path / "all.jsonl", "image_id")  # merging twice adds nothing
     assert sorted(r["image_id"] for r in JsonlResults(tmp_path / "all.jsonl", "image_id").rows()) == items
+
+
+def test_eval_end_to_end_on_tiny_model_resumes(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from vlmscope.cli import main
+
+    data = tmp_path / "coco"
+    data.mkdir()
+    ids = [139, 285, 632]
+    for i in ids:
+        Image.fromarray((np.random.default_rng(i).random((40, 48, 3)) * 255).astype("uint8")).save(
+            data / f"COCO_val2014_{i:012d}.jpg")
+    questions = data / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": k, "image": f"COCO_val2014_{i:012d}.jpg",
+                                             "text": "is there a cat in the image ?",
+                                             "label": "yes" if k % 2 else "no"}) + "\n"
+                                 for k, i in enumerate(ids)))
+    out = tmp_path / "run"
+    argv = ["eval", "chair", "--model", "tiny-llava", "--data-path", str(data), "--out", str(out),
+            "--max-new-tokens", "4", "--batch-size", "2", "--prompt", "describe this image ."]
+    assert main(argv) == 0
+    first = (out / "captions.jsonl").read_text()
+    assert main(argv) == 0  # a restart finds everything done and writes nothing new
+    assert (out / "captions.jsonl").read_text() == first and len(first.splitlines()) == 3
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert set(metrics) >= {"CHAIR_S", "CHAIR_I", "Recall", "Len", "Precision", "F1"}
+    pope_out = tmp_path / "pope"
+    assert main(["eval", "pope", "--model", "tiny-llava", "--data-path", str(data), "--out", str(pope_out),
+                 "--questions", str(questions), "--max-new-tokens", "2"]) == 0
+    assert len((pope_out / "answers.jsonl").read_text().splitlines()) == 3
+    assert (pope_out / "metrics.md").is_file()

@@ -191,7 +191,12 @@ def _run_pope(vlm, shard, out, images, questions_file, suffix, max_new, decoding
 
 def _write_metrics(out: Path, settings: dict[str, Any], metrics: dict[str, Any]) -> None:
     (out / "metrics.json").write_text(json.dumps({"settings": settings, "metrics": metrics}, indent=2))
-    flat = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):  # POPE: one block of metrics per split
+            flat.update({f"{key}/{k}": v for k, v in value.items() if isinstance(v, int | float)})
+        elif isinstance(value, int | float):
+            flat[key] = value
     lines = ["| " + " | ".join(flat) + " |", "|" + "---|" * len(flat),
              "| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in flat.values()) + " |"]
     (out / "metrics.md").write_text("\n".join(lines) + "\n")
