@@ -170,7 +170,10 @@ def load_answers(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         key = next((k for k in _ANSWER_KEYS if k in rec), None)
         if key is None:
             raise InputError(f"{p}: line {lineno} has none of the keys {', '.join(_ANSWER_KEYS)}; add the answer text")
-        out.append({"question_id": rec.get("question_id"), "answer": rec[key]})
+        row = {"question_id": rec.get("question_id"), "answer": rec[key]}
+        if rec.get("split") is not None:
+            row["split"] = rec["split"]
+        out.append(row)
     return out
 
 
@@ -237,16 +240,25 @@ def pope_scores(
     ans = list(answers)
     keyed = bool(ans) and all(isinstance(a, Mapping) and a.get("question_id") is not None for a in ans)
     if keyed:
-        ids = [q["question_id"] for q in qs]
+        # Answers that name their split are matched on (split, id): ids restart in every official file.
+        with_split = all(a.get("split") is not None for a in ans)
+
+        def qkey(q: Mapping[str, Any]) -> Any:
+            return (str(q.get("split") or q.get("category") or "all"), q["question_id"]) if with_split else q["question_id"]
+
+        ids = [qkey(q) for q in qs]
         if len(set(ids)) != len(ids):
-            raise InputError("question ids repeat (several splits?); score each split separately or give answers in question order")
+            raise InputError(
+                "question ids repeat (several splits?); give answers a split field, score each split separately, "
+                "or give answers in question order"
+            )
         by_id: dict[Any, Any] = {}
         for a in ans:
-            by_id[a["question_id"]] = _answer_text(a)
-        missing = [q["question_id"] for q in qs if q["question_id"] not in by_id]
+            by_id[qkey(a)] = _answer_text(a)
+        missing = [k for k in ids if k not in by_id]
         if missing:
             raise InputError(f"{len(missing)} questions have no answer (first: {missing[0]}); answer every question")
-        texts = [by_id[q["question_id"]] for q in qs]
+        texts = [by_id[k] for k in ids]
     else:
         if len(ans) != len(qs):
             raise InputError(f"{len(ans)} answers for {len(qs)} questions; give one answer per question, in order")
