@@ -15,7 +15,8 @@ spaces, "no" if a word is ``No``/``not``/``no``, else "yes" — so "NO", "isn't"
 ends with "n't"; ``vcd``: lower-cased substring test against the label ("yes" in the answer for a yes
 question, "no" in it — also inside "not", "know", "cannot" — for a no question); ``exact`` (also
 ``lmms-eval``): the stripped, lower-cased answer must be exactly "yes" or "no"; anything else is wrong for
-accuracy and left out of precision/recall. The yes-ratio is always computed from the predictions.
+accuracy and left out of precision/recall. The yes-ratio is always computed from the predictions. Every
+split reports ``unparsed`` (exact rule) and ``empty`` answers (mapped to "yes" by the sentence rules).
 """
 
 from __future__ import annotations
@@ -264,13 +265,15 @@ def pope_scores(
             raise InputError(f"{len(ans)} answers for {len(qs)} questions; give one answer per question, in order")
         texts = [_answer_text(a) for a in ans]
     groups: dict[str, tuple[list[str | None], list[str]]] = {}
+    empty: Counter[str] = Counter()
     for q, text in zip(qs, texts):
         label = str(q["label"]).strip().lower()
         split = str(q.get("split") or q.get("category") or "all")
         preds, labels = groups.setdefault(split, ([], []))
         preds.append(parse_answer(text, rule, label))
         labels.append(label)
-    splits = {name: _metrics(*groups[name]) for name in groups}
+        empty[split] += text is None or not str(text).strip()
+    splits = {name: {**_metrics(*groups[name]), "empty": empty[name]} for name in groups}
     mean = {k: sum(s[k] for s in splits.values()) / len(splits) for k in METRIC_NAMES} if splits else {}
     return {"rule": rule, "n_questions": len(qs), "splits": splits, "mean": mean}
 
