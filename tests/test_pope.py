@@ -253,3 +253,10 @@ def test_pool_too_small_and_bad_split(objects: dict[str, list[str]]) -> None:
         build_pope(objects, "random", num_images=10_000)
     with pytest.raises(InputError, match="unknown POPE split"):
         build_pope(objects, "hard", num_images=5)
+
+
+def test_empty_answers_are_counted_and_read_as_yes() -> None:
+    out = pope_scores(["", "  ", "No", None], QUESTIONS[:4])["splits"]["random"]
+    assert out["empty"] == 3 and out["unparsed"] == 0
+    # labels yes no yes no; predictions yes yes no yes
+    assert (out["tp"], out["fp"], out["fn"], out["tn"]) == (1, 2, 1, 0) and out["Yes_ratio"] == 75.0

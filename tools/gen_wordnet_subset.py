@@ -1,12 +1,16 @@
 """Regenerate ``src/vlmscope/eval/_wordnet_subset.py`` from a WordNet 3.0 dictionary folder.
 
-Usage: python tools/gen_wordnet_subset.py --wordnet-dir /usr/share/wordnet [--tokens extra_tokens.txt]
+Usage (the bundled subset was made with exactly this, WordNet from Debian's wordnet-base 3.0):
+
+    PYTHONPATH=src python tools/gen_wordnet_subset.py --wordnet-dir /usr/share/wordnet \
+        --captions ../shared/data/chair/llava15_{greedy,beam5,opera}_captions.jsonl
 
 The folder is the WordNet 3.0 ``dict`` directory (index.noun, noun.exc, ...), e.g. from Debian's
 ``wordnet-base`` package. The subset keeps, for each part of speech, every lemma and exception entry that
 takes part in lemmatising a word whose morphy candidates (at any depth of rule application) include a CHAIR
 vocabulary word. Words tried: all WordNet lemmas, all exception forms, regular inflections of the vocabulary
-and optional extra tokens (e.g. all tokens of some caption files). The script then checks the subset
+and the words of EXTRA_WORDS and of the given caption files, whose lemmas are also kept exact (so common
+caption words lemmatise as in NLTK, not only the CHAIR vocabulary). The script then checks the subset
 against a full-WordNet morphy on the same words and fails if any result differs where it matters.
 Needs no NLTK; run from the repository root with ``PYTHONPATH=src``.
 """
@@ -18,11 +22,17 @@ import sys
 import textwrap
 from pathlib import Path
 
-from vlmscope.eval.chair import vocabulary_words
+from vlmscope.eval.chair import load_captions, vocabulary_words
 from vlmscope.eval.lemmatize import _RULES
+from vlmscope.eval.tokenize import word_tokenize
 
 POS_FILES = {"n": "noun", "v": "verb", "a": "adj", "r": "adv"}
 OUT = Path(__file__).resolve().parents[1] / "src" / "vlmscope" / "eval" / "_wordnet_subset.py"
+# Irregular and tricky plurals that captions produce, kept exact besides the CHAIR vocabulary.
+EXTRA_WORDS = """
+people mice knives glasses buses skis benches dishes leaves women children teeth geese sheep species scissors
+pants shorts cookies ponies boxes foxes ties men feet wolves shelves loaves halves wives lives calves
+""".split()
 
 
 def read_wordnet(folder: Path) -> tuple[dict[str, set[str]], dict[str, dict[str, list[str]]]]:
@@ -101,24 +111,21 @@ def inflections(word: str) -> set[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wordnet-dir", type=Path, required=True)
-    parser.add_argument("--tokens", type=Path, action="append", default=[], help="extra words to check")
-    parser.add_argument(
-        "--exact", type=Path, action="append", default=[],
-        help="words whose lemmas (any part of speech) must come out exactly, besides the CHAIR vocabulary",
-    )
+    parser.add_argument("--captions", type=Path, nargs="*", default=[], help="caption JSON-lines files")
     args = parser.parse_args()
     lemmas, exceptions = read_wordnet(args.wordnet_dir)
     vocab = set(vocabulary_words())
-    universe = set().union(*lemmas.values())
+    exact = set(EXTRA_WORDS)
+    for path in args.captions:
+        for record in load_captions(path):
+            exact.update(word_tokenize(record["caption"].lower()))
+    universe = set().union(*lemmas.values()) | exact
     for pos in POS_FILES:
         universe |= set(exceptions[pos])
     for word in vocab:
         universe |= {word} | inflections(word)
-    for path in args.tokens + args.exact:
-        universe |= set(path.read_text(encoding="utf-8").split())
-    for path in args.exact:
-        for word in path.read_text(encoding="utf-8").split():
-            vocab |= {morphy(word, pos, lemmas[pos], exceptions[pos]) for pos in POS_FILES}
+    for word in exact:
+        vocab |= {morphy(word, pos, lemmas[pos], exceptions[pos]) for pos in POS_FILES}
 
     keep: dict[str, set[str]] = {pos: set() for pos in POS_FILES}
     keep_exc: dict[str, dict[str, list[str]]] = {pos: {} for pos in POS_FILES}

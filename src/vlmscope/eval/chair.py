@@ -73,8 +73,13 @@ VEHICLE_WORDS = ("jet", "train")
 SPECIAL_COMPOUNDS = {"bow tie": "tie", "toilet seat": "toilet", "wine glas": "wine glass"}
 
 
+def _data_file(name: str) -> Any:
+    # vlmscope/data is a plain folder (no __init__), so address it from the package root.
+    return resources.files("vlmscope").joinpath("data", name)
+
+
 def _data_text(name: str) -> str:
-    return resources.files("vlmscope.data").joinpath(name).read_text(encoding="utf-8")
+    return _data_file(name).read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -406,6 +411,14 @@ def _gt_from_mapping(data: Any, source: str) -> dict[int, frozenset[str]]:
     return gt
 
 
+@lru_cache(maxsize=1)
+def _bundled_gt() -> dict[int, frozenset[str]]:
+    # Parsed once per process (about a second); callers get a shallow copy.
+    with _data_file("coco2014_gt_objects.json.gz").open("rb") as raw:
+        with gzip.open(raw, "rt", encoding="utf-8") as fh:
+            return _gt_from_mapping(json.load(fh), "bundled ground truth")
+
+
 def load_gt_objects(
     source: str | os.PathLike[str] | None = None,
     vocabulary: ChairVocabulary | str = "legacy",
@@ -419,9 +432,7 @@ def load_gt_objects(
     JSON (optionally gzipped) as written by `write_gt_cache`.
     """
     if source is None:
-        with resources.files("vlmscope.data").joinpath("coco2014_gt_objects.json.gz").open("rb") as raw:
-            with gzip.open(raw, "rt", encoding="utf-8") as fh:
-                return _gt_from_mapping(json.load(fh), "bundled ground truth")
+        return dict(_bundled_gt())
     path = Path(source)
     if path.is_dir():
         return build_gt_from_coco(path, vocabulary, normaliser, image_ids)
@@ -546,6 +557,11 @@ def chair_scores(
     mentions / mentions (with repetitions); Recall = Σ|correct unique objects| / Σ|GT objects|; Len = mean
     merged units per caption (punctuation included); Precision = Σ|correct unique| / Σ|unique mentioned|;
     F1 = harmonic mean of Precision and Recall. A zero denominator gives 0.
+    Per-caption records carry the reference's fields (``mscoco_hallucinated_words`` as [word, node] pairs,
+    ``mscoco_gt_words``, ``mscoco_generated_words``, ``hallucination_idxs``, ``words`` = merged units) plus
+    ``mscoco_words`` and ``mention_idxs``; indices are token positions in the tokenised caption (the
+    reference's shift after a dropped "seat" is not reproduced), and ``metrics.Len`` is the unit count
+    (the reference leaves it 0).
     """
     if missing not in ("error", "skip", "empty"):
         raise InputError(f"unknown missing={missing!r}; use 'error', 'skip' or 'empty'")

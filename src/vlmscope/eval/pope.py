@@ -15,7 +15,8 @@ spaces, "no" if a word is ``No``/``not``/``no``, else "yes" — so "NO", "isn't"
 ends with "n't"; ``vcd``: lower-cased substring test against the label ("yes" in the answer for a yes
 question, "no" in it — also inside "not", "know", "cannot" — for a no question); ``exact`` (also
 ``lmms-eval``): the stripped, lower-cased answer must be exactly "yes" or "no"; anything else is wrong for
-accuracy and left out of precision/recall. The yes-ratio is always computed from the predictions.
+accuracy and left out of precision/recall. The yes-ratio is always computed from the predictions. Every
+split reports ``unparsed`` (exact rule) and ``empty`` answers (mapped to "yes" by the sentence rules).
 """
 
 from __future__ import annotations
@@ -170,7 +171,10 @@ def load_answers(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         key = next((k for k in _ANSWER_KEYS if k in rec), None)
         if key is None:
             raise InputError(f"{p}: line {lineno} has none of the keys {', '.join(_ANSWER_KEYS)}; add the answer text")
-        out.append({"question_id": rec.get("question_id"), "answer": rec[key]})
+        row = {"question_id": rec.get("question_id"), "answer": rec[key]}
+        if rec.get("split") is not None:
+            row["split"] = rec["split"]
+        out.append(row)
     return out
 
 
@@ -237,28 +241,39 @@ def pope_scores(
     ans = list(answers)
     keyed = bool(ans) and all(isinstance(a, Mapping) and a.get("question_id") is not None for a in ans)
     if keyed:
-        ids = [q["question_id"] for q in qs]
+        # Answers that name their split are matched on (split, id): ids restart in every official file.
+        with_split = all(a.get("split") is not None for a in ans)
+
+        def qkey(q: Mapping[str, Any]) -> Any:
+            return (str(q.get("split") or q.get("category") or "all"), q["question_id"]) if with_split else q["question_id"]
+
+        ids = [qkey(q) for q in qs]
         if len(set(ids)) != len(ids):
-            raise InputError("question ids repeat (several splits?); score each split separately or give answers in question order")
+            raise InputError(
+                "question ids repeat (several splits?); give answers a split field, score each split separately, "
+                "or give answers in question order"
+            )
         by_id: dict[Any, Any] = {}
         for a in ans:
-            by_id[a["question_id"]] = _answer_text(a)
-        missing = [q["question_id"] for q in qs if q["question_id"] not in by_id]
+            by_id[qkey(a)] = _answer_text(a)
+        missing = [k for k in ids if k not in by_id]
         if missing:
             raise InputError(f"{len(missing)} questions have no answer (first: {missing[0]}); answer every question")
-        texts = [by_id[q["question_id"]] for q in qs]
+        texts = [by_id[k] for k in ids]
     else:
         if len(ans) != len(qs):
             raise InputError(f"{len(ans)} answers for {len(qs)} questions; give one answer per question, in order")
         texts = [_answer_text(a) for a in ans]
     groups: dict[str, tuple[list[str | None], list[str]]] = {}
+    empty: Counter[str] = Counter()
     for q, text in zip(qs, texts):
         label = str(q["label"]).strip().lower()
         split = str(q.get("split") or q.get("category") or "all")
         preds, labels = groups.setdefault(split, ([], []))
         preds.append(parse_answer(text, rule, label))
         labels.append(label)
-    splits = {name: _metrics(*groups[name]) for name in groups}
+        empty[split] += text is None or not str(text).strip()
+    splits = {name: {**_metrics(*groups[name]), "empty": empty[name]} for name in groups}
     mean = {k: sum(s[k] for s in splits.values()) / len(splits) for k in METRIC_NAMES} if splits else {}
     return {"rule": rule, "n_questions": len(qs), "splits": splits, "mean": mean}
 
