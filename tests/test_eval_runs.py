@@ -25,9 +25,9 @@ def parse(argv):
     ([], "greedy", []),
     (["--beam", "5"], "beam:num_beams=5", []),
     (["--beam", "5", "--scale_factor", "50", "--threshold", "15"], "opera:num_beams=5,scale_factor=50.0,threshold=15", []),
-    (["--use-attn", "--alpha", "0.5"], "greedy", ["pai:alpha=0.5,start_layer=2,end_layer=32"]),
-    (["--use-attn", "--use-cfg", "--gamma", "1.1"], "greedy", ["pai:alpha=0.2,start_layer=2,end_layer=32,cfg=true,gamma=1.1"]),
-    (["--use-aai", "--start-layer", "3"], "greedy", ["aai:alpha=0.3,beta=1.0,start_layer=3,end_layer=32"]),
+    (["--use-attn", "--alpha", "0.5"], "greedy", ["pai:alpha=0.5,start=2,end=32"]),
+    (["--use-attn", "--use-cfg", "--gamma", "1.1"], "greedy", ["pai:alpha=0.2,start=2,end=32,cfg=true,gamma=1.1"]),
+    (["--use-aai", "--start-layer", "3"], "greedy", ["aai:alpha=0.3,beta=1.0,start=3,end=32"]),
 ])
 def test_seed_flags(argv, decoding, interventions):
     assert method_specs(parse(argv)) == (decoding, interventions)
@@ -121,3 +121,28 @@ def test_eval_end_to_end_on_tiny_model_resumes(tmp_path):
                  "--questions", str(questions), "--max-new-tokens", "2"]) == 0
     assert len((pope_out / "answers.jsonl").read_text().splitlines()) == 3
     assert (pope_out / "metrics.md").is_file()
+
+
+@pytest.mark.parametrize("argv", [["--use-attn"], ["--use-attn", "--use-cfg"], ["--use-aai"], ["--use-cfg"]])
+def test_seed_specs_parse_with_the_real_registry(argv):
+    from vlmscope.interventions import INTERVENTIONS
+
+    _, interventions = method_specs(parse(argv))
+    for spec in interventions:
+        INTERVENTIONS.parse(spec)
+
+
+def test_configs_name_registered_methods():
+    from pathlib import Path
+
+    import yaml
+
+    from vlmscope.decoding import DECODINGS
+    from vlmscope.interventions import INTERVENTIONS
+
+    for path in Path(__file__).resolve().parents[1].glob("eval_configs/*.yaml"):
+        config = yaml.safe_load(path.read_text())
+        for name, params in (config.get("methods") or {}).items():
+            registry = DECODINGS if name in DECODINGS.names() or name == "opera" else INTERVENTIONS
+            if name in registry.names():
+                registry.create(name, params)

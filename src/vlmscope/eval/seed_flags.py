@@ -38,7 +38,7 @@ CONFIGS = {"llava-1.5": "eval_configs/llava-1.5.yaml", "llava-next": "eval_confi
 def method_specs(args: argparse.Namespace) -> tuple[str, list[str]]:
     """(decoding spec, intervention specs) equivalent to the seed scripts' flags."""
     interventions = []
-    layers = f"start_layer={args.start_layer},end_layer={args.end_layer}"
+    layers = f"start={args.start_layer},end={args.end_layer}"
     if args.use_aai:
         alpha = 0.3 if args.alpha is None else args.alpha
         beta = 1.0 if args.beta is None else args.beta
