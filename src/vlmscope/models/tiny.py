@@ -125,10 +125,10 @@ def build_llava(seed: int = 0, image_size: int = 32, patch_size: int = 8, scale:
     )
 
     tokenizer = build_tokenizer()
-    vision_config = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=image_size, patch_size=patch_size, **(vision or {}),
-    )
+    vision_params = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         image_size=image_size, patch_size=patch_size)
+    vision_params.update(vision or {})
+    vision_config = CLIPVisionConfig(**vision_params)
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=_text_config(tokenizer, **(text or {})),
