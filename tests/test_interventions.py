@@ -256,6 +256,17 @@ def test_truncate_keep_masks_all_but_top_keys(vlm):
         assert torch.equal(visible, expected)
 
 
+def test_edits_never_revive_truncated_keys(vlm):
+    # With every image key masked from layer 1 on, a boost on layers 2-3 has nothing to act on; without the
+    # guard, alpha > 1 would turn the masked logits (dtype min) into huge positive ones.
+    truncated = _generate(vlm, "truncate:layer=1", n=4)
+    for extra in ("pai:alpha=1.5", "aai:alpha=5,beta=0.5,warmup=false"):
+        combined = _generate(vlm, ["truncate:layer=1", extra], n=4)
+        assert _tokens(combined) == _tokens(truncated)
+        for got, want in zip(combined, truncated):
+            np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
+
+
 # --- FastV --------------------------------------------------------------------------------------------------------
 
 
@@ -278,6 +289,19 @@ def test_fastv_drop_equals_mask_on_padded_batch(vlm):
     # Other operations see only the kept image keys on the pruned layers.
     assert int(run_drop.plan.layer_image_masks[3].sum(dim=1)[0]) == 8
     assert not any(m._forward_pre_hooks for m in vlm.model.modules())
+
+
+@pytest.mark.parametrize("extra", ["pai:start=1,alpha=1", "aai:start=1,alpha=1,warmup=false"])
+def test_fastv_drop_equals_mask_with_attention_edits(vlm, extra):
+    # The edits after layer k see only the kept image keys (PAI via the layer's image mask, AAI's per-token
+    # weights gathered by the kept positions), in both modes.
+    batch = vlm.encode(IMAGES, PROMPTS)
+    tokens = torch.tensor([[7, 8], [11, 12]])
+    drop, _ = _teacher_forced_logits(vlm, batch, [_intervention("fastv:k=2"), _intervention(extra)], tokens)
+    mask, _ = _teacher_forced_logits(vlm, batch, [_intervention("fastv:k=2,mode=mask"), _intervention(extra)],
+                                     tokens)
+    for d, m in zip(drop, mask):
+        torch.testing.assert_close(d, m, atol=1e-5, rtol=0)
 
 
 def test_fastv_reference_ranks_on_row0_and_fix_ranks_per_row(vlm):

@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-from vlmscope.attention.engine import AttentionPlan, active_plan, attention_plan, decoder_attention_modules
+from vlmscope.attention.engine import (
+    AttentionPlan,
+    EditContext,
+    active_plan,
+    attention_plan,
+    decoder_attention_modules,
+)
 from vlmscope.errors import InputError
 from vlmscope.models.adapters import Adapter, Batch
 
@@ -78,26 +84,31 @@ _OWN = {"pai", "aai", "truncate", "fastv", "vcd"}
 
 
 def scale_image_logits(logits: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
-                       edit_dtype: str) -> torch.Tensor:
-    """Return `scale·|L| + shift·L` on the first `scale.shape[-1]` keys (the prompt), `L` elsewhere.
+                       edit_dtype: str, ctx: EditContext) -> torch.Tensor:
+    """Return `scale·|L| + shift·L` on the last query row's first `scale.shape[-1]` keys (the prompt), else `L`.
 
-    `scale` and `shift` are [N, 1, 1, P] weights: 0 and 1 on keys that are not edited; `shift=None` means 1
-    everywhere (L + scale·|L|, PAI). Entries already at the dtype minimum (masked: padding, causality,
-    truncated or FastV-masked image keys) are left alone, so a large weight can never revive a masked key.
+    `scale` and `shift` are [N, 1, 1, P] weights, 0 and 1 on keys that are not edited; `shift=None` means 1
+    everywhere (L + scale·|L|, PAI). When the layer has key masks (truncation, FastV's mask mode), entries
+    already at the dtype minimum are left alone, so a large weight can never revive a masked image key.
+    Decode steps run this for every edited layer, so it works in place (2–3 kernels) unless autograd is on.
     """
-    if edit_dtype == "float32":
+    if edit_dtype == "float32" and logits.dtype != torch.float32:
         logits = logits.float()
-    prompt = scale.shape[-1]
-    head = logits[..., :prompt]
-    scale = scale.to(head.dtype)
-    if shift is None:
-        edited = head + scale * head.abs()
-    else:
-        edited = scale * head.abs() + shift.to(head.dtype) * head
-    edited = torch.where(head > torch.finfo(head.dtype).min, edited, head)
-    if logits.shape[-1] == prompt:
-        return edited
-    return torch.cat([edited, logits[..., prompt:]], dim=-1)
+    elif logits.requires_grad:
+        logits = logits.clone()
+    # Only the last query row: when another operation makes the layer run eagerly on every row, the edit still
+    # receives all rows.
+    head = logits[..., -1:, : scale.shape[-1]]
+    magnitude = head.abs()
+    ops = ctx.plan.layers.get(ctx.layer_idx)
+    if ops is not None and ops.key_masks:
+        magnitude.masked_fill_(head == torch.finfo(head.dtype).min, 0.0)
+        if shift is not None:
+            shift = shift.masked_fill(head == torch.finfo(head.dtype).min, 1.0)
+    if shift is not None:
+        head.mul_(shift)
+    head.addcmul_(magnitude, scale)
+    return logits
 
 
 def remove_capture(plan: AttentionPlan, layer: int, capture: Any) -> None:

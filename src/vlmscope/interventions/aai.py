@@ -110,9 +110,10 @@ class AAI(Intervention):
             shift = None
             if self._shift is not None:
                 shift = layer_prompt_weights(ctx.plan, ctx.layer_idx, self._shift)[:, None, None, :]
-            weights = (scale.to(logits.device), None if shift is None else shift.to(logits.device))
+            dtype = torch.float32 if self.edit_dtype == "float32" else logits.dtype
+            weights = (scale.to(logits.device, dtype), None if shift is None else shift.to(logits.device, dtype))
             self._layer_weights[ctx.layer_idx] = weights
-        return scale_image_logits(logits, weights[0], weights[1], self.edit_dtype)
+        return scale_image_logits(logits, weights[0], weights[1], self.edit_dtype, ctx)
 
     def reorder(self, index: torch.Tensor) -> None:
         self._layer_weights.clear()

@@ -87,7 +87,9 @@ class FastV(Intervention):
             self._depth = run.adapter.num_layers
             self._prompt_len = run.batch.input_ids.shape[1]
             layers = run.adapter.decoder_layers()
-            run.enter_context(_pre_hooks({i: layers[i] for i in range(self.k, self._depth)}, self._pre_hook))
+            # Layer k's hook ranks (both modes); the drop mode also gathers on every layer from k on.
+            hooked = range(self.k, self._depth) if self.mode == "drop" else [self.k]
+            run.enter_context(_pre_hooks({i: layers[i] for i in hooked}, self._pre_hook))
             if self.mode == "mask":
                 for layer in range(self.k, self._depth):
                     run.plan.add_key_mask(layer, self._blocked)

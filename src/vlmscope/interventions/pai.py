@@ -15,7 +15,11 @@ Reference quirks and their options:
 - `cfg_reorder_uncond_cache=true` (default, fix): under beam search the unconditional cache follows the beams.
   `false` reproduces the reference, whose unconditional cache keeps its original row order while it is fed the
   reordered beams' tokens (histories get mixed).
-- γ defaults to 1.1 (the README command); the argparse default of the reference script is 2.
+- γ defaults to 1.1 (the README command); the argparse default of the reference script is 2. With γ = 1 the
+  reference never re-enables the boost (its processor returns before the toggle); here `cfg=true,gamma=1` only
+  skips the prefill boost (with the default) and runs no branch.
+- The unconditional branch runs the unmodified model: no attention edits, key masks or FastV dropping of other
+  interventions apply to it (the reference disables the boost there).
 - Our decoding loop log-softmaxes the processed scores, so under beam search the CFG scores are renormalised
   before they enter the beam scores (stock HF 4.37 added the unnormalised γ(s−u)+u).
 """
@@ -100,9 +104,10 @@ class PAI(Intervention):
         if weights is None:
             plan = ctx.plan
             mask = plan.layer_image_masks.get(ctx.layer_idx, plan.image_mask)
-            weights = (self.alpha * mask.to(logits.device, torch.float32))[:, None, None, :]
+            dtype = torch.float32 if self.edit_dtype == "float32" else logits.dtype
+            weights = (self.alpha * mask.to(logits.device, torch.float32))[:, None, None, :].to(dtype)
             self._weights[ctx.layer_idx] = weights
-        return scale_image_logits(logits, weights, None, self.edit_dtype)
+        return scale_image_logits(logits, weights, None, self.edit_dtype, ctx)
 
     def process_logits(self, logits: torch.Tensor, run: GenerationRun, new_tokens: torch.Tensor | None
                        ) -> torch.Tensor:
