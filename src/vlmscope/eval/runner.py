@@ -15,11 +15,21 @@ from pathlib import Path
 from typing import Any
 
 from vlmscope.errors import InputError
-from vlmscope.eval.chair import METRIC_KEYS, chair_scores
+from vlmscope.eval.chair import METRIC_KEYS, chair_scores, load_gt_objects
 from vlmscope.eval.pope import METRIC_NAMES, pope_scores
 from vlmscope.eval.store import ResultStore
 
-__all__ = ["metrics_markdown", "run_chair", "run_pope", "write_metrics"]
+__all__ = [
+    "answer_questions",
+    "caption_images",
+    "metrics_markdown",
+    "question_key",
+    "run_chair",
+    "run_pope",
+    "score_chair",
+    "score_pope",
+    "write_metrics",
+]
 
 CaptionFn = Callable[[list[str]], Sequence[str]]
 AnswerFn = Callable[[list[tuple[str, str]]], Sequence[str]]
@@ -60,17 +70,85 @@ def metrics_markdown(rows: Sequence[tuple[str, Mapping[str, Any]]], columns: Seq
     return "\n".join([header, rule, *body]) + "\n"
 
 
+def _write_json(path: Path, payload: Any) -> None:
+    """Write to a temporary file and rename, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_metrics(out_dir: str | os.PathLike[str], payload: Mapping[str, Any], name: str | None = None) -> Path:
     """Write ``metrics.json`` (the payload) and ``metrics.md`` (a table of ``payload["metrics"]``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metrics.json"
-    tmp = path.with_name("metrics.json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    _write_json(path, payload)
     table = metrics_markdown([(name or out.name, payload["metrics"])])
     (out / "metrics.md").write_text(f"# {payload.get('task', 'metrics')}\n\n{table}", encoding="utf-8")
     return path
+
+
+def caption_images(
+    items: Sequence[tuple[int, str]],
+    caption_fn: CaptionFn,
+    store: ResultStore | str | os.PathLike[str],
+    batch_size: int = 1,
+    progress: bool = True,
+    desc: str = "captioning",
+) -> ResultStore:
+    """Caption every ``(image_id, image_path)`` not yet in `store`, one stored batch at a time.
+
+    Rows stored: ``{"image_id", "image", "caption"}``. A killed run resumes where it stopped.
+    """
+    results = _store(store, "image_id")
+    if results.key != "image_id":
+        raise InputError(f"a CHAIR store must be keyed by image_id, not {results.key!r}")
+    items = [(int(i), str(p)) for i, p in items]
+    pending = [it for it in items if it[0] not in results]
+    with _progress(len(items), len(items) - len(pending), desc, progress) as bar:
+        for batch in _batches(pending, batch_size):
+            captions = list(caption_fn([path for _, path in batch]))
+            if len(captions) != len(batch):
+                raise ValueError(f"caption_fn returned {len(captions)} captions for {len(batch)} images")
+            results.append(
+                {"image_id": imid, "image": path, "caption": str(cap)} for (imid, path), cap in zip(batch, captions)
+            )
+            bar.update(len(batch))
+    return results
+
+
+def score_chair(
+    image_ids: Sequence[int],
+    store: ResultStore | str | os.PathLike[str],
+    gt_objects: Mapping[int, Iterable[str]] | str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    settings: Mapping[str, Any] | None = None,
+    **chair_kwargs: Any,
+) -> dict[str, Any]:
+    """CHAIR over the stored captions of `image_ids`; writes ``metrics.json``, ``metrics.md`` and
+    ``chair_details.json`` (per-caption mentions, hallucinations, ground truth). Returns the payload."""
+    results = _store(store, "image_id")
+    stored = {row["image_id"]: row for row in results.rows()}
+    missing = [i for i in image_ids if i not in stored]
+    if missing:
+        raise InputError(f"{len(missing)} images have no caption in {results.path} (first: {missing[0]}); "
+                         "run the captioning first")
+    rows = [stored[i] for i in image_ids]
+    if gt_objects is not None and not isinstance(gt_objects, Mapping):
+        gt_objects = load_gt_objects(gt_objects, image_ids=list(image_ids))
+    result = chair_scores(rows, gt_objects, **chair_kwargs)
+    payload = {
+        "task": "chair",
+        "metrics": {k: result.metrics[k] for k in METRIC_KEYS},
+        "counts": result.counts,
+        "settings": {**result.settings, **(settings or {})},
+        "results_file": results.path.name,
+        "n_items": len(rows),
+    }
+    out = Path(out_dir) if out_dir is not None else results.path.parent
+    write_metrics(out, payload)
+    _write_json(out / "chair_details.json", result.to_dict())
+    return payload
 
 
 def run_chair(
@@ -83,43 +161,95 @@ def run_chair(
     out_dir: str | os.PathLike[str] | None = None,
     **chair_kwargs: Any,
 ) -> dict[str, Any]:
-    """Caption every ``(image_id, image_path)`` not yet stored, then score CHAIR over all `items`.
+    """`caption_images` then `score_chair` over all `items` (`gt_objects` defaults to the bundled COCO-2014
+    cache; `chair_kwargs` go to `chair_scores`). Returns the payload written to ``metrics.json``."""
+    results = caption_images(items, caption_fn, store, batch_size, progress)
+    return score_chair([int(i) for i, _ in items], results, gt_objects, out_dir, **chair_kwargs)
 
-    Rows stored: ``{"image_id", "image", "caption"}``. `gt_objects` defaults to the bundled COCO-2014 cache;
-    `chair_kwargs` go to `chair_scores`. Returns the payload written to ``metrics.json``.
+
+def question_key(question: Mapping[str, Any]) -> str:
+    """``"split:question_id"``: unique across the official files, whose ids restart in every split."""
+    split = question.get("split") or question.get("category") or "all"
+    return f"{split}:{question['question_id']}"
+
+
+def _keyed_questions(questions: Sequence[Mapping[str, Any]], key: str) -> list[dict[str, Any]]:
+    rows = []
+    for q in questions:
+        for field in ("question_id", "image", "text", "label"):
+            if field not in q:
+                raise InputError(f"question {dict(q)!r} lacks {field!r}; use POPE question lines")
+        rows.append({**q, "qkey": question_key(q)})
+    keys = [r.get(key) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise InputError(f"questions repeat the store key {key!r}; key the store by 'qkey' to mix splits")
+    return rows
+
+
+def answer_questions(
+    questions: Sequence[Mapping[str, Any]],
+    answer_fn: AnswerFn,
+    store: ResultStore | str | os.PathLike[str],
+    batch_size: int = 1,
+    progress: bool = True,
+    image_root: str | os.PathLike[str] | None = None,
+    desc: str = "answering",
+) -> ResultStore:
+    """Answer every question not yet in `store`, one stored batch at a time.
+
+    Rows stored: the question fields plus ``answer`` and ``qkey`` (``"split:question_id"``). A store given as
+    a path is keyed by ``qkey``; a `ResultStore` keyed by ``question_id`` works for a single split. Image
+    paths are ``image_root / question["image"]`` when `image_root` is given.
     """
-    results = _store(store, "image_id")
-    if results.key != "image_id":
-        raise InputError(f"a CHAIR store must be keyed by image_id, not {results.key!r}")
-    items = [(int(i), str(p)) for i, p in items]
-    pending = [it for it in items if it[0] not in results]
-    with _progress(len(items), len(items) - len(pending), "captioning", progress) as bar:
+    results = _store(store, "qkey")
+    rows_in = _keyed_questions(questions, results.key)
+    pending = [r for r in rows_in if r[results.key] not in results]
+    root = Path(image_root) if image_root is not None else None
+    with _progress(len(rows_in), len(rows_in) - len(pending), desc, progress) as bar:
         for batch in _batches(pending, batch_size):
-            captions = list(caption_fn([path for _, path in batch]))
-            if len(captions) != len(batch):
-                raise ValueError(f"caption_fn returned {len(captions)} captions for {len(batch)} images")
-            results.append(
-                {"image_id": imid, "image": path, "caption": str(cap)} for (imid, path), cap in zip(batch, captions)
-            )
+            pairs = [(str(root / q["image"]) if root else str(q["image"]), str(q["text"])) for q in batch]
+            answers = list(answer_fn(pairs))
+            if len(answers) != len(batch):
+                raise ValueError(f"answer_fn returned {len(answers)} answers for {len(batch)} questions")
+            results.append({**q, "answer": str(a)} for q, a in zip(batch, answers))
             bar.update(len(batch))
-    stored = {row["image_id"]: row for row in results.rows()}
-    rows = [stored[imid] for imid, _ in items]
-    result = chair_scores(rows, gt_objects, **chair_kwargs)
+    return results
+
+
+def score_pope(
+    questions: Sequence[Mapping[str, Any]],
+    store: ResultStore | str | os.PathLike[str],
+    rule: str = "official",
+    out_dir: str | os.PathLike[str] | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """POPE metrics per split (and their mean) over the stored answers of `questions`; writes
+    ``metrics.json`` and ``metrics.md``. Returns the payload."""
+    results = _store(store, "qkey")
+    rows_in = _keyed_questions(questions, results.key)
+    stored = {row[results.key]: row for row in results.rows()}
+    missing = [r[results.key] for r in rows_in if r[results.key] not in stored]
+    if missing:
+        raise InputError(f"{len(missing)} questions have no answer in {results.path} (first: {missing[0]}); "
+                         "run the answering first")
+    answered = [stored[r[results.key]] for r in rows_in]
+    # Positional matching: question ids repeat across splits.
+    scores = pope_scores([r["answer"] for r in answered], rows_in, rule=rule) if answered else {"splits": {}, "mean": {}}
+    flat = dict(scores["mean"])
+    if len(scores["splits"]) > 1:
+        for split, m in scores["splits"].items():
+            flat[f"{split}/Accuracy"] = m["Accuracy"]
+            flat[f"{split}/F1"] = m["F1"]
     payload = {
-        "task": "chair",
-        "metrics": {k: result.metrics[k] for k in METRIC_KEYS},
-        "counts": result.counts,
-        "settings": result.settings,
+        "task": "pope",
+        "metrics": {k: flat[k] for k in [*METRIC_NAMES, *sorted(set(flat) - set(METRIC_NAMES))] if k in flat},
+        "splits": scores["splits"],
+        "settings": {"rule": rule, **(settings or {})},
         "results_file": results.path.name,
-        "n_items": len(items),
+        "n_items": len(rows_in),
     }
     write_metrics(out_dir if out_dir is not None else results.path.parent, payload)
     return payload
-
-
-def _question_key(question: Mapping[str, Any]) -> str:
-    split = question.get("split") or question.get("category") or "all"
-    return f"{split}:{question['question_id']}"
 
 
 def run_pope(
@@ -132,48 +262,6 @@ def run_pope(
     image_root: str | os.PathLike[str] | None = None,
     out_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Answer every question not yet stored, then compute POPE metrics per split.
-
-    Rows stored: the question fields plus ``answer`` and ``qkey`` (``"split:question_id"``, unique across
-    splits). A store given as a path is keyed by ``qkey``; a `ResultStore` keyed by ``question_id`` works
-    for a single split. Image paths are ``image_root / question["image"]`` when `image_root` is given.
-    """
-    results = _store(store, "qkey")
-    rows_in = []
-    for q in questions:
-        for field in ("question_id", "image", "text", "label"):
-            if field not in q:
-                raise InputError(f"question {dict(q)!r} lacks {field!r}; use POPE question lines")
-        rows_in.append({**q, "qkey": _question_key(q)})
-    keys = [r.get(results.key) for r in rows_in]
-    if len(set(keys)) != len(keys):
-        raise InputError(f"questions repeat the store key {results.key!r}; key the store by 'qkey' to mix splits")
-    pending = [r for r in rows_in if r[results.key] not in results]
-    root = Path(image_root) if image_root is not None else None
-    with _progress(len(rows_in), len(rows_in) - len(pending), "answering", progress) as bar:
-        for batch in _batches(pending, batch_size):
-            pairs = [(str(root / q["image"]) if root else str(q["image"]), str(q["text"])) for q in batch]
-            answers = list(answer_fn(pairs))
-            if len(answers) != len(batch):
-                raise ValueError(f"answer_fn returned {len(answers)} answers for {len(batch)} questions")
-            results.append({**q, "answer": str(a)} for q, a in zip(batch, answers))
-            bar.update(len(batch))
-    stored = {row[results.key]: row for row in results.rows()}
-    answered = [stored[k] for k in keys]
-    # Positional matching: question ids repeat across splits.
-    scores = pope_scores([r["answer"] for r in answered], rows_in, rule=rule) if answered else {"splits": {}, "mean": {}}
-    flat = dict(scores["mean"])
-    if len(scores["splits"]) > 1:
-        for split, m in scores["splits"].items():
-            flat[f"{split}/Accuracy"] = m["Accuracy"]
-            flat[f"{split}/F1"] = m["F1"]
-    payload = {
-        "task": "pope",
-        "metrics": {k: flat[k] for k in [*METRIC_NAMES, *sorted(set(flat) - set(METRIC_NAMES))] if k in flat},
-        "splits": scores["splits"],
-        "settings": {"rule": rule},
-        "results_file": results.path.name,
-        "n_items": len(rows_in),
-    }
-    write_metrics(out_dir if out_dir is not None else results.path.parent, payload)
-    return payload
+    """`answer_questions` then `score_pope`. Returns the payload written to ``metrics.json``."""
+    results = answer_questions(questions, answer_fn, store, batch_size, progress, image_root)
+    return score_pope(questions, results, rule, out_dir)
