@@ -106,7 +106,8 @@ def test_penalty_saturates_and_vanishes_like_float16():
     assert scores[1:9].eq(0).all()
     assert float(scores[9]) == 2.0 ** -24
     log_values = torch.log(torch.tensor([1e-9, 3e-8, 6e-5, 65519.0, 65520.0, 1e6]))
-    expected = np.exp(log_values.numpy().astype(np.float32)).astype(np.float16).astype(np.float32)
+    with np.errstate(over="ignore"):  # 1e6 overflows float16 on purpose
+        expected = np.exp(log_values.numpy().astype(np.float32)).astype(np.float16).astype(np.float32)
     assert quantize_scores(log_values, faithful=True).tolist() == expected.tolist()
     # Ties (all zero) resolve to the first column, as the reference's `max(-1)` does.
     _, location = first_max(torch.zeros(2, 5))
@@ -234,7 +235,10 @@ def _naive_forward(vlm: VLM, prompt_embeds: torch.Tensor, response: torch.Tensor
 
 
 def naive_opera(vlm: VLM, batch, beams: int, cands: int, scale: float, threshold: int, alpha: float,
-                max_new: int, eos_ids: list[int], pad: int, window: int = 512):
+                max_new: int, eos_ids: list[int], pad: int, window: int = 512, faithful: bool = True):
+    """The reference's `opera_beam_search` transcribed step by step (batch 1, no KV cache). With
+    faithful=False, the documented clean-ups: float32 scores, -inf fillers, a location history that follows
+    the beams, rejection lists cleared for regenerated positions, a local window of `window` columns."""
     prompt = batch.input_ids.shape[1]
     embeds = _prompt_embeds(vlm, batch)
     image = batch.image_mask[0].nonzero().flatten()
@@ -247,6 +251,7 @@ def naive_opera(vlm: VLM, batch, beams: int, cands: int, scale: float, threshold
     rejected: dict[int, torch.Tensor] = {}
     next_tokens = next_idx = None
     rollbacks = []
+    filler = -999.0 if faithful else float("-inf")
 
     def clone(s):
         return BeamState(*(t.clone() for t in vars(s).values()))
@@ -265,73 +270,93 @@ def naive_opera(vlm: VLM, batch, beams: int, cands: int, scale: float, threshold
         attn = attn / attn.sum(-1, keepdim=True)
         local = scale * attn[:, :, prompt:, prompt:]
         size = local.shape[-1]
-        scores = torch.zeros(beams, cands, size, dtype=torch.float16)
+        scores = torch.zeros(beams, cands, size, dtype=torch.float16 if faithful else torch.float32)
         for j in range(size):
-            scores[..., j] = (1e-7 * local[..., j:, j].prod(-1)).to(torch.float32)
+            value = (1e-7 * local[..., j:, j].prod(-1)).to(torch.float32)
+            scores[..., j] = value if faithful else value.clamp(max=1e30)
+        if not faithful:
+            scores[..., : max(0, size - window)] = float("-inf")
         image_mass = attn[:, :, -1, image_start:image_end + 1].sum(-1)
         top, locs = scores.max(-1)
         location = int(locs.mode().values.mode().values)
         penalty = -image_mass if size <= 10 else top.float()
         history_locs.append(locs.mode().values[:, None])
         gathered = torch.cat(history_locs, -1)
+        current["locs"] = gathered.clone()
+        counted = gathered if faithful else gathered[:, -window:]
         cand_scores = cand_scores - alpha * penalty
         if len(history_states) >= window:
             history_states.pop(0)
         history_states.append(current)
         rolled = False
-        if all(int((g == location).sum()) > threshold for g in gathered) and location >= 10:
+        if all(int((g == location).sum()) > threshold for g in counted) and location >= 10:
             target = location + 1
             ok = True
             if rollback_times.get(target, 0) >= cands:
                 target -= 1
                 ok = rollback_times.get(target, 0) < cands
+            restore = min(target, size - 2)
+            ok = ok and restore >= size - len(history_states)  # the state to return to is still kept
             if ok:
                 rollback_times[target] = rollback_times.get(target, 0) + 1
                 for j in range(size - target - 2):
                     history_states.pop(-1)
                     history_locs.pop(-1)
-                    rejected.pop(window - 1 - j, None)
+                    if faithful:
+                        rejected.pop(window - 1 - j, None)
                 response = history_states[-2]["response"]
                 state = clone(history_states[-2]["state"])
                 banned_tokens, banned_idx = history_states[-1]["next_tokens"], history_states[-1]["next_idx"]
                 logits, _ = _naive_forward(vlm, embeds, response)
                 history_states.pop(-1)
                 history_locs.pop(-1)
-                rejected.pop(target + 1, None)
-                logits = logits - (999.0 + logits.min(-1, keepdim=True).values)
+                if faithful:
+                    rejected.pop(target + 1, None)
+                    key = target
+                    logits = logits - (999.0 + logits.min(-1, keepdim=True).values)
+                else:
+                    for position in [p for p in rejected if p > restore]:
+                        rejected.pop(position)
+                    key = restore
+                    history_locs = list(history_states[-1]["locs"].split(1, dim=1))
                 flat = logits.reshape(-1)
                 banned = banned_idx * logits.shape[-1] + banned_tokens
-                if target in rejected:
-                    banned = torch.cat([rejected[target], banned])
-                rejected[target] = banned
-                flat[banned] = -999.0
+                if key in rejected:
+                    banned = torch.cat([rejected[key], banned])
+                rejected[key] = banned
+                flat[banned] = filler
                 logits = flat.view(beams, -1)
                 rolled = True
                 rollbacks.append(response.shape[1])
         if not rolled:
-            logits = torch.full_like(logits, -999.0).scatter(1, cand_tokens, cand_scores)
+            logits = torch.full_like(logits, filler).scatter(1, cand_tokens, cand_scores)
         logprobs = torch.log_softmax(logits, -1)
         source, chosen, done = search.step(state, logprobs, response.shape[1], max_new, eos_ids)
         next_tokens, next_idx = chosen, source
         if done:
             break
+        if not faithful:
+            history_locs = [h[source] for h in history_locs]
         response = torch.cat([response[source], chosen[:, None]], dim=1)
     return search.finalize(state, eos_ids)[0], rollbacks
 
 
-def test_faithful_defaults_match_naive_reference_loop(llava):
-    # Small threshold and budget so that this short run rolls back 8 times, with rejection lists accumulating
-    # at a position and the budget moving the target from s + 1 to s.
+@pytest.mark.parametrize("faithful,window", [(True, 512), (False, 8)])
+def test_matches_naive_reference_loop(llava, faithful, window):
+    # Small threshold and budget so that this short run rolls back several times, with rejection lists
+    # accumulating at a position and the budget moving the target from s + 1 to s; window 8 (not faithful)
+    # also exercises the local column window, the windowed location count and the capped state history.
     batch = llava.encode([_image(2)], ["what is in the image ?"])
     beams, cands, threshold, max_new = 3, 2, 2, 36
     llava.model.set_attn_implementation({"text_config": "eager"})
     try:
         with torch.no_grad():
             expected, naive_rollbacks = naive_opera(llava, batch, beams, cands, 50.0, threshold, 1.0, max_new,
-                                                    _eos(llava), 3)
+                                                    _eos(llava), 3, window=window, faithful=faithful)
     finally:
         llava.model.set_attn_implementation({"text_config": "sdpa"})
-    method = OperaDecoding(num_beams=beams, num_attn_candidates=cands, threshold=threshold)
+    method = OperaDecoding(num_beams=beams, num_attn_candidates=cands, threshold=threshold, faithful=faithful,
+                           window_size=window)
     hyp = _decode(llava, batch, method, max_new)[0]
     events = hyp.extras["opera"]["rollback_events"]
     assert len(naive_rollbacks) >= 5
@@ -499,3 +524,52 @@ def test_other_families_neutral_equal_beam(arch):
     assert hyp.sequence_score == pytest.approx(beam.sequence_score, abs=1e-4)
     default = vlm.generate(_image(3, size), "describe this image .", max_new_tokens=8, decoding="opera:num_beams=2")
     assert default.token_ids
+
+
+# --- the rollback's cache rebuild from the kept prompt KV ---------------------------------------------------
+
+def _full_forward_logits(vlm: VLM, image, prompt: str, tokens: list[int]) -> torch.Tensor:
+    """Stock forward of one unpadded prompt (image included) followed by `tokens`: the last logits."""
+    single = vlm.encode([image], [prompt])
+    extra = torch.tensor([tokens], dtype=torch.long)
+    inputs = dict(single.model_inputs)
+    if "mm_token_type_ids" in inputs:  # Qwen2-VL: appended text tokens are text
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
+    ids = torch.cat([single.input_ids, extra], dim=1)
+    return vlm.model(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs).logits[0, -1].float()
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
+def test_rollback_rebuild_equals_full_forward(arch):
+    """After a rollback the cache is rebuilt from the prompt KV + one forward over each row's response, with
+    masked gap entries for inputs whose response is shorter; logits there and after one more token must equal
+    a stock forward of prompt + response from scratch."""
+    from vlmscope.attention.engine import attention_plan
+    from vlmscope.decoding.opera import _OperaSearch
+
+    model, processor = build_tiny(arch)
+    vlm = VLM(model, processor, arch)
+    size = 48 if arch == "qwen2-vl" else 32
+    images = [_image(1, size), _image(2, size)]
+    prompts = ["what is in the picture of a cat on the table ?", "describe this image ."]
+    batch = vlm.encode(images, prompts)
+    generator = torch.Generator().manual_seed(0)
+    responses = [torch.randint(11, 40, (2, 5), generator=generator), torch.randint(11, 40, (2, 3), generator=generator)]
+    following = torch.randint(11, 40, (4,), generator=generator)
+    with torch.no_grad(), GenerationRun(model, vlm.adapter, batch, []) as run:
+        search = _OperaSearch(OperaDecoding(num_beams=2), run, 8, _eos(vlm), 3)
+        search.start()
+        for sample, response in zip(search.samples, responses):
+            sample.state.running_tokens[0, :, : response.shape[1]] = response
+            sample.length = response.shape[1]
+        with attention_plan(model, run.plan):
+            rebuilt = search._rebuild()
+        after = run.advance(following)
+        assert run.attention_mask[2:, batch.input_ids.shape[1]:].tolist()[0][:2] == [0, 0]  # the gap
+        for row in range(4):
+            sample, beam = divmod(row, 2)
+            tokens = responses[sample][beam].tolist()
+            expected = _full_forward_logits(vlm, images[sample], prompts[sample], tokens)
+            assert torch.allclose(rebuilt[row], expected, atol=1e-4), row
+            expected = _full_forward_logits(vlm, images[sample], prompts[sample], tokens + [int(following[row])])
+            assert torch.allclose(after[row], expected, atol=1e-4), row

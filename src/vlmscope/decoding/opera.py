@@ -226,7 +226,18 @@ class _OperaSearch:
     # --- main loop ---------------------------------------------------------------------------------------
     def search(self) -> list[Hypothesis]:
         run = self.run
-        logits = run.prefill()  # one prefill per input; the beams share it
+        logits = self.start()
+        # One activation of the plan for the whole search (switching the attention implementation walks the
+        # model's modules; our own forwards then skip it, run.advance still nests its own).
+        with attention_plan(run.model, run.plan):
+            while any(s.active for s in self.samples):
+                logits = self._step(logits)
+        return [self._finish(s) for s in self.samples]
+
+    def start(self) -> torch.Tensor:
+        """Prefill each input once, keep its KV, expand to the beams; returns the first logits [N, V]."""
+        run = self.run
+        logits = run.prefill()
         self._check_cache()
         self.prompt_len = run.attention_mask.shape[1]
         self.prompt_kv = [(layer.keys.clone(), layer.values.clone()) for layer in run.cache.layers]
@@ -248,9 +259,7 @@ class _OperaSearch:
                     torch.zeros(self.beams, self.max_new + 1, dtype=torch.long, device=device))
             for b in range(self.batch)
         ]
-        while any(s.active for s in self.samples):
-            logits = self._step(logits)
-        return [self._finish(s) for s in self.samples]
+        return logits
 
     def _check_cache(self) -> None:
         for layer in self.run.cache.layers:
@@ -351,9 +360,9 @@ class _OperaSearch:
 
     # --- forwards ----------------------------------------------------------------------------------------
     def _forward(self, **kwargs: Any) -> Any:
+        """A forward of the model with the run's plan active (the search holds `attention_plan` open)."""
         run = self.run
-        with attention_plan(run.model, run.plan):
-            return run.model(**kwargs, **run.extra_forward_kwargs, use_cache=True, return_dict=True)
+        return run.model(**kwargs, **run.extra_forward_kwargs, use_cache=True, return_dict=True)
 
     def _forward_candidates(self, cand_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All beams x candidates in one forward on the beams' cache; the cache keeps C new entries per row.
@@ -524,6 +533,10 @@ class _OperaSearch:
 
     def _restore(self, sample: _Sample, decision: _Rollback) -> None:
         step = sample.length
+        # The reference appends this step's state (dropping the oldest of a full history) before it pops back:
+        # the oldest state is gone after a rollback too.
+        for position in [p for p in sample.history if p <= step - self.cfg.window_size]:
+            del sample.history[position]
         saved = sample.history[decision.restore]
         banned_before = sample.rejected.get(decision.target)
         # Rejection lists: the reference clears entries counted from the end of its window-long list (a bug
