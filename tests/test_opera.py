@@ -144,10 +144,12 @@ def test_mode_and_first_max_match_torch():
 
 # --- equivalences with stock transformers -------------------------------------------------------------------
 
-@pytest.mark.parametrize("beams,faithful", [(3, True), (5, True), (3, False)])
-def test_neutral_settings_equal_stock_beam_search(llava, beams, faithful):
+@pytest.mark.parametrize("beams,cands,faithful", [(3, 5, True), (5, 5, True), (3, 5, False), (3, 1, True)])
+def test_neutral_settings_equal_stock_beam_search(llava, beams, cands, faithful):
+    # With one candidate most chosen tokens are not candidates: the KV of the candidate forward cannot be
+    # kept and the chosen tokens are fed instead; both paths must give stock results.
     batch = llava.encode([_image(0)], ["describe this image ."])
-    method = OperaDecoding(num_beams=beams, faithful=faithful, **NEUTRAL)
+    method = OperaDecoding(num_beams=beams, num_attn_candidates=cands, faithful=faithful, **NEUTRAL)
     hyp = _decode(llava, batch, method, 12)[0]
     tokens, scores = _stock_beam(llava, batch, beams, 12)
     assert hyp.token_ids == _strip(tokens[0], 3)

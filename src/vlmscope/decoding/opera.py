@@ -38,8 +38,23 @@ How it runs (cost per step close to stock beam search):
   `renormalize_candidates=False` picks another token), the chosen candidates' KV entries and logits ARE the
   next step: no further forward. Otherwise the candidate entries are cropped and the chosen tokens fed.
 - Column products are updated incrementally (a running sum of logs per column), O(response) per step.
-- A rollback rebuilds the cache from the kept prompt KV by re-running only the restored beams' response
-  tokens in one forward (the reference re-prefills prompt, image and response).
+- A rollback rebuilds the cache from the kept prompt KV plus one forward over every row's response tokens (the
+  reference re-prefills prompt, image and response). In a batch, inputs whose response became shorter than
+  another's hold masked gap entries between prompt and response, so each input rolls back on its own.
+- A rollback returns to a state among the last `window_size` saved ones, as the reference's history; a target
+  older than that (reachable only after ~window_size tokens, where the reference crashes inside its bare
+  `except`) means no rollback.
+
+Interventions are applied inside every forward: their attention ops run on all candidate rows (query_len = C,
+`ctx.step` = the step the candidates would be fed at) and on the rebuild's rows, and `process_logits` is called
+once per step with the chosen tokens, exactly as in `GenerationRun.advance`. A capture with rows="last" sees only
+the last candidate's row. `supports_rollback=False` interventions are refused unless rollback is impossible
+(threshold >= max_new_tokens - 10); rollback-safe interventions must not keep per-step state, since a rollback
+recomputes a response in one multi-token forward.
+
+Each `Hypothesis.extras["opera"]` holds `rollbacks`, `decoding_steps` (steps including redone ones) and
+`rollback_events` (step, summary location, target, re-chosen position, banned and newly chosen
+(beam, token) pairs).
 """
 
 from __future__ import annotations
@@ -100,17 +115,17 @@ class OperaDecoding(DecodingMethod):
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
-            raise ValueError("num_beams must be >= 1")
+            raise InputError("num_beams must be >= 1")
         if self.num_attn_candidates < 1:
-            raise ValueError("num_attn_candidates must be >= 1")
+            raise InputError("num_attn_candidates must be >= 1")
         if self.scale_factor <= 0:
-            raise ValueError("scale_factor must be > 0")
+            raise InputError("scale_factor must be > 0")
         if self.window_size < 2:
-            raise ValueError("window_size must be >= 2")
+            raise InputError("window_size must be >= 2")
         if self.threshold < 0:
-            raise ValueError("threshold must be >= 0")
+            raise InputError("threshold must be >= 0")
         if self.image_span is not None and not 0 <= self.image_span[0] < self.image_span[1]:
-            raise ValueError("image_span must be (start, end) with 0 <= start < end")
+            raise InputError("image_span must be (start, end) with 0 <= start < end")
         if self.num_attn_candidates == 1 and self.renormalize_candidates:
             warnings.warn("OPERA with num_attn_candidates=1 and renormalized candidates: every candidate gets "
                           "log-prob 0, so the over-trust penalty has no effect (only rollbacks act)",
@@ -538,7 +553,6 @@ class _OperaSearch:
         for position in [p for p in sample.history if p <= step - self.cfg.window_size]:
             del sample.history[position]
         saved = sample.history[decision.restore]
-        banned_before = sample.rejected.get(decision.target)
         # Rejection lists: the reference clears entries counted from the end of its window-long list (a bug
         # kept when faithful) and the one after the target; otherwise every regenerated position is cleared.
         if self.cfg.faithful:
@@ -551,7 +565,7 @@ class _OperaSearch:
         source, token = saved.choices
         banned = source * self.vocab_size + token
         key = decision.target if self.cfg.faithful else decision.restore
-        previous = banned_before if self.cfg.faithful else sample.rejected.get(key)
+        previous = sample.rejected.get(key)
         if previous is not None:
             banned = torch.cat([previous, banned])
         sample.rejected[key] = banned
