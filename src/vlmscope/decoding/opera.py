@@ -441,7 +441,9 @@ class _OperaSearch:
         offsets = torch.arange(span, device=run.device)[None, :] - (span - lengths)[:, None]  # 0 = first token
         region_mask = (offsets >= 0).to(self.prompt_mask.dtype)
         expand = torch.arange(self.batch, device=run.device).repeat_interleave(self.beams)
-        cache = type(run.cache)(
+        cache_class = type(run.cache)
+        run.cache = None  # release the old cache before building the new one (peak memory)
+        cache = cache_class(
             ddp_cache_data=[(k.index_select(0, expand.to(k.device)), v.index_select(0, expand.to(v.device)))
                             for k, v in self.prompt_kv],
             config=run.model.config,
