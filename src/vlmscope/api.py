@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from vlmscope.attention.engine import AttentionPlan
 from vlmscope.decoding import DECODINGS, DecodingMethod
 from vlmscope.decoding.session import GenerationRun, Intervention
 from vlmscope.errors import InputError
@@ -102,12 +103,15 @@ class VLM:
         return results if (is_batch or prompts_batch) else results[0]
 
     def generate_batch(self, batch: Batch, max_new_tokens: int, method: DecodingMethod,
-                       interventions: Sequence[Intervention] = ()) -> list[GenerationResult]:
+                       interventions: Sequence[Intervention] = (),
+                       capture_plan: AttentionPlan | None = None) -> list[GenerationResult]:
+        """Decode a prepared batch. `capture_plan`: an attention plan whose ops (captures) run in every forward."""
         tokenizer = self.adapter.tokenizer
         eos_ids = _eos_ids(self.model, tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
         start = time.perf_counter()
-        with torch.no_grad(), GenerationRun(self.model, self.adapter, batch, interventions) as run:
+        with torch.no_grad(), GenerationRun(self.model, self.adapter, batch, interventions,
+                                            capture_plan=capture_plan) as run:
             hypotheses = method.decode(run, max_new_tokens, eos_ids, pad_id)
             image_tokens = run.image_tokens
         elapsed = time.perf_counter() - start

@@ -88,6 +88,18 @@ class GenerationRun:
     def enter_context(self, cm: Any) -> Any:
         return self._stack.enter_context(cm)
 
+    def replace_batch(self, batch: Batch) -> None:
+        """Swap in a rewritten prompt (in `prepare`, before expansion), e.g. after dropping image tokens.
+
+        The fields derived from the batch (the plan's image mask, the prompt length, the per-row image-token
+        counts) follow the new batch; positions default to the new attention mask unless `position_ids` is set.
+        """
+        self.batch = batch
+        self.plan.image_mask = batch.image_mask
+        self.device = batch.input_ids.device
+        self.prompt_len = batch.input_ids.shape[1]
+        self.image_tokens = batch.image_mask.sum(dim=1).tolist()
+
     def expand(self, n: int) -> None:
         """Repeat every row n times (beams), before the prefill."""
         self.num_beams = n

@@ -148,7 +148,8 @@ class Adapter:
         """The same prompts without the image (for CFG's unconditional branch)."""
         texts = [self.render_prompt(p, with_image=False) for p in prompts]
         self.tokenizer.padding_side = "left"
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        # Tokenised as the processor tokenises the image prompt (same special tokens, e.g. LLaVA's BOS).
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True)
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
     def position_ids(self, batch: Batch) -> torch.Tensor:

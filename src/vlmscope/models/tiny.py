@@ -16,7 +16,7 @@ import torch
 ARCHS = ("llava", "llava-next", "qwen2-vl")
 
 WORDS = (
-    "USER: ASSISTANT: user assistant system what is in the image ? a an cat dog red blue green "
+    "USER ASSISTANT : user assistant system what is in the image ? a an cat dog red blue green "
     "describe this . , there are two on of and with picture photo yes no table car tree sky man "
     "woman sitting standing left right near small large white black ball box"
 ).split()
@@ -95,13 +95,23 @@ def _text_config(tokenizer: Any, **overrides: Any) -> Any:
     return LlamaConfig(**params)
 
 
-def _scale_weights(model: torch.nn.Module, scale: float) -> None:
-    """Random init gives near-uniform logits; larger weights give varied, non-degenerate generations."""
+def _scale_weights(model: torch.nn.Module, scale: float, tokenizer: Any = None) -> None:
+    """Random init gives near-uniform logits; larger weights give varied, non-degenerate generations.
+
+    The output rows of special tokens other than EOS are zeroed: their logit is then 0 while the best word's is
+    large, so a tiny model does not emit `<pad>` or `<image>` (which real checkpoints never do either).
+    """
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     with torch.no_grad():
         for name, param in decoder.named_parameters():
             if param.dim() >= 2 and "embed" not in name:
                 param.mul_(scale)
+        if tokenizer is not None:
+            head = model.get_output_embeddings().weight
+            for token in SPECIALS:
+                token_id = tokenizer.convert_tokens_to_ids(token)
+                if token_id != tokenizer.eos_token_id:
+                    head[token_id] = 0
 
 
 def build_llava(seed: int = 0, image_size: int = 32, patch_size: int = 8, scale: float = 8.0,
@@ -115,10 +125,10 @@ def build_llava(seed: int = 0, image_size: int = 32, patch_size: int = 8, scale:
     )
 
     tokenizer = build_tokenizer()
-    vision_config = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=image_size, patch_size=patch_size, **(vision or {}),
-    )
+    vision_params = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         image_size=image_size, patch_size=patch_size)
+    vision_params.update(vision or {})
+    vision_config = CLIPVisionConfig(**vision_params)
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=_text_config(tokenizer, **(text or {})),
@@ -129,7 +139,7 @@ def build_llava(seed: int = 0, image_size: int = 32, patch_size: int = 8, scale:
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    _scale_weights(model, scale)
+    _scale_weights(model, scale, tokenizer)
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(
             size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
@@ -170,7 +180,7 @@ def build_llava_next(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
     )
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config).eval()
-    _scale_weights(model, scale)
+    _scale_weights(model, scale, tokenizer)
     processor = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessorPil(
             size={"shortest_edge": image_size},
@@ -186,7 +196,7 @@ def build_llava_next(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
     return model, processor
 
 
-def build_qwen2_vl(seed: int = 0, scale: float = 4.0) -> tuple[Any, Any]:
+def build_qwen2_vl(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
@@ -215,7 +225,7 @@ def build_qwen2_vl(seed: int = 0, scale: float = 4.0) -> tuple[Any, Any]:
     )
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
-    _scale_weights(model, scale)
+    _scale_weights(model, scale, tokenizer)
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=8, merge_size=2, temporal_patch_size=2,
         size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
