@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTN_KEY = "vlmscope"
@@ -188,12 +188,12 @@ def _eager_rows(
 ) -> torch.Tensor:
     """Eager attention for `query` rows (which are the last rows of a `full_query_len` forward)."""
     layer_idx = module.layer_idx
-    groups = getattr(module, "num_key_value_groups", 1)
-    key_states = repeat_kv(key, groups)
-    value_states = repeat_kv(value, groups)
-    q = query.shape[2]
-    kv = key_states.shape[2]
-    logits = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    batch, heads, q, dim = query.shape
+    kv_heads, kv = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    # Query heads sharing a KV head run as extra rows of that head: the same products without copying K/V.
+    logits = torch.matmul(query.reshape(batch, kv_heads, groups * q, dim), key.transpose(2, 3))
+    logits = logits.view(batch, heads, q, kv) * scaling
     full_mask = _additive_mask(attention_mask, full_query_len, kv, logits.dtype, logits.device)
     if full_mask is not None:
         logits = logits + full_mask[..., -q:, :]
@@ -214,7 +214,8 @@ def _eager_rows(
         probs.retain_grad()
         ops.retained.append(probs)
     plan.calls += 1
-    return torch.matmul(probs, value_states)
+    out = torch.matmul(probs.reshape(batch, kv_heads, groups * q, kv), value)
+    return out.view(batch, heads, q, value.shape[-1])
 
 
 def _record(capture: Capture, probs: torch.Tensor, image_keys: torch.Tensor | None, step: int) -> None:
@@ -261,6 +262,8 @@ def vlmscope_attention(
         ops = plan.layers.get(layer_idx)
     kwargs.pop("output_attentions", None)
     if ops is None or ops.empty():
+        if _packable(module, query, attention_mask, kwargs):
+            return _packed_sdpa(query, key, value, attention_mask, scaling, dropout if module.training else 0.0)
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -277,6 +280,32 @@ def vlmscope_attention(
     if dropout and module.training:
         raise RuntimeError("vlmscope attention ops do not support attention dropout in training mode")
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packable(module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None,
+              kwargs: dict[str, Any]) -> bool:
+    """Grouped-query attention with several masked query rows (padded prefill, multi-token decoding).
+
+    Stock SDPA then copies K/V once per query head (`repeat_kv`), i.e. the whole cache of the layer per forward.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    return (groups > 1 and query.shape[2] > 1 and attention_mask is not None and attention_mask.dim() == 4
+            and attention_mask.shape[1] == 1
+            and all(kwargs.get(k) is None for k in ("position_bias", "cache", "softcap", "is_causal")))
+
+
+def _packed_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor,
+                 scaling: float | None, dropout: float) -> tuple[torch.Tensor, None]:
+    """SDPA with the query heads sharing a KV head folded into extra query rows of that head (exact, no copy)."""
+    batch, heads, rows, dim = query.shape
+    kv_heads, kv = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    packed = query.reshape(batch, kv_heads, groups * rows, dim)
+    mask = attention_mask[..., -rows:, :kv].expand(batch, 1, rows, kv)
+    mask = mask[:, :, None].expand(batch, 1, groups, rows, kv).reshape(batch, 1, groups * rows, kv)
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout,
+                                                           scale=scaling)
+    return out.view(batch, heads, rows, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 def _sdpa_prefix(
