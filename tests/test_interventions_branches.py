@@ -225,3 +225,37 @@ def test_batch_equals_inputs_alone(vlm, spec):
         assert batch[row].token_ids == alone.token_ids
         np.testing.assert_allclose(batch[row].scores, alone.scores, atol=2e-4)
         assert batch[row].image_tokens == alone.image_tokens
+
+
+# --- composition with OPERA -------------------------------------------------------------------------------------------
+
+# Penalty neutral and rollback off: OPERA then is beam search (test_opera.py), so any intervention must steer it
+# exactly as it steers plain beam search.
+OPERA_NEUTRAL = "opera:num_beams=3,penalty_weights=0,threshold=100,renormalize_candidates=false"
+
+
+@pytest.mark.parametrize("spec", ["pai:start=0,alpha=1", "aai:alpha=1,warmup_steps=1", "truncate:layer=1",
+                                  "fastv:k=1", "vcd", "pai:cfg=true,gamma=2"])
+def test_interventions_steer_neutral_opera_as_beam_search(vlm, spec):
+    with_opera = _generate(vlm, spec, decoding=OPERA_NEUTRAL)
+    with_beam = _generate(vlm, spec, decoding=BEAM)
+    for got, want in zip(with_opera, with_beam):
+        assert got.token_ids == want.token_ids
+        assert got.sequence_score == pytest.approx(want.sequence_score, abs=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["pai:start=0,alpha=1", "aai:alpha=1,warmup_steps=1", "truncate:layer=1",
+                                  "fastv:k=1"])
+def test_interventions_run_under_opera_with_rollback(vlm, spec):
+    # scale_factor 500 and threshold 2 make the tiny model roll back: the intervention state must follow.
+    results = _generate(vlm, spec, decoding="opera:num_beams=2,threshold=2,scale_factor=500", n=10)
+    for result in results:
+        assert 0 < len(result.token_ids) <= 10 and all(np.isfinite(result.scores))
+
+
+@pytest.mark.parametrize("spec", ["vcd", "pai:cfg=true"])
+def test_branch_interventions_refuse_opera_rollback_with_a_clear_error(vlm, spec):
+    from vlmscope.errors import InputError
+
+    with pytest.raises(InputError, match="rollback"):
+        _generate(vlm, spec, decoding="opera:num_beams=2", n=40)  # rollback possible: threshold 15 < 40 - 10

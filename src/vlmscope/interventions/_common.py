@@ -85,7 +85,11 @@ _OWN = {"pai", "aai", "truncate", "fastv", "vcd"}
 
 def scale_image_logits(logits: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
                        edit_dtype: str, ctx: EditContext) -> torch.Tensor:
-    """Return `scale·|L| + shift·L` on the last query row's first `scale.shape[-1]` keys (the prompt), else `L`.
+    """Return `scale·|L| + shift·L` on the decoding rows' first `scale.shape[-1]` keys (the prompt), else `L`.
+
+    Decoding rows: the last query row of the prefill; every row of a later forward. A later forward with
+    several rows is one that decodes several positions at once (OPERA's candidates, a rollback's re-run of the
+    response), and each of those rows is a step that the method steers.
 
     `scale` and `shift` are [N, 1, 1, P] weights, 0 and 1 on keys that are not edited; `shift=None` means 1
     everywhere (L + scale·|L|, PAI). When the layer has key masks (truncation, FastV's mask mode), entries
@@ -96,9 +100,9 @@ def scale_image_logits(logits: torch.Tensor, scale: torch.Tensor, shift: torch.T
         logits = logits.float()
     elif logits.requires_grad:
         logits = logits.clone()
-    # Only the last query row: when another operation makes the layer run eagerly on every row, the edit still
-    # receives all rows.
-    head = logits[..., -1:, : scale.shape[-1]]
+    # In the prefill only the last row: when another operation makes the layer run eagerly on every row, the
+    # edit still receives all rows.
+    head = logits[..., -1:, : scale.shape[-1]] if ctx.is_prefill else logits[..., : scale.shape[-1]]
     magnitude = head.abs()
     ops = ctx.plan.layers.get(ctx.layer_idx)
     if ops is not None and ops.key_masks:
