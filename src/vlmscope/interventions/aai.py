@@ -10,6 +10,8 @@ only when the current position is more than 5 past it, so the prefill and decode
 first 6 generated tokens equal the unsteered ones. We gate on the generation step (edit when step >
 `warmup_steps`), which matches the reference for batch row 0 and is robust to left padding. `warmup=false`
 edits every forward from the prefill on, like PAI.
+Under OPERA a rollback re-runs the response in one forward whose rows share one step number, so the warm-up
+positions are edited there too (an approximation of a token-by-token replay; `warmup=false` has no such gap).
 
 Per family: LLaVA-1.5 as the reference (with `vision_feature_select_strategy="full"` the CLS token is an image
 token and is kept, as the reference does for Shikra). LLaVA-NeXT: the same map on every crop (base view and
