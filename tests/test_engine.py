@@ -99,14 +99,19 @@ def test_last_row_fast_path_edit_is_exact(setup):
     assert torch.allclose(cap.records[0][:, :, 0], ref.attentions[0][:, :, -1], atol=1e-6)
 
 
-def test_key_mask_equals_stock_padding_mask(setup):
-    """Blocking image keys in every layer = stock model with those keys marked as padding."""
+@pytest.mark.parametrize("eager", [False, True])
+def test_key_mask_equals_stock_padding_mask(setup, eager):
+    """Blocking image keys in every layer = stock model with those keys marked as padding, on both paths:
+    key masks alone (folded into the SDPA mask) and key masks beside an edit (eager math on every row)."""
     vlm, batch, inputs, _, _ = setup
     plan = AttentionPlan(decoder_attention_modules(vlm.model))
     plan.image_mask = batch.image_mask
     for layer in range(4):
         plan.add_key_mask(layer, lambda ctx: ctx.image_keys)
+        if eager:
+            plan.add_edit(layer, lambda logits, ctx: logits, last_row_only=False)
     out = run(vlm.model, plan, inputs)
+    assert plan.calls == 4
     masked = dict(inputs)
     masked["attention_mask"] = inputs["attention_mask"] * (~batch.image_mask).long()
     with torch.no_grad():

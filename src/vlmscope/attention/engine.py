@@ -270,6 +270,11 @@ def vlmscope_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     q = query.shape[2]
+    if not (ops.captures or ops.logit_edits or ops.retain_grad):
+        # Key masks only (truncation, FastV's mask mode): nothing needs the probabilities, so the blocked keys
+        # join the attention mask and the layer stays on SDPA (no [B, H, q, kv] logits in the prefill).
+        return _key_masked_sdpa(module, query, key, value, attention_mask, scaling, ops, plan,
+                                dropout if module.training else 0.0)
     if q > 1 and ops.last_row_only:
         # Rows are independent: all but the last go through SDPA, the last one through the eager ops.
         head_out, _ = _sdpa_prefix(module, query[:, :, :-1], key, value, attention_mask, scaling, q, dropout)
@@ -280,6 +285,29 @@ def vlmscope_attention(
     if dropout and module.training:
         raise RuntimeError("vlmscope attention ops do not support attention dropout in training mode")
     return out.transpose(1, 2).contiguous(), None
+
+
+def _key_masked_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float, ops: LayerOps, plan: AttentionPlan,
+                     dropout: float) -> tuple[torch.Tensor, None]:
+    q, kv = query.shape[2], key.shape[2]
+    image_keys = plan.image_keys(module.layer_idx, kv, query.device)
+    ctx = EditContext(module.layer_idx, plan.step, q, kv, image_keys, plan)
+    blocked = None
+    for key_mask in ops.key_masks:
+        keys = key_mask(ctx)
+        if keys is not None:
+            keys = keys[:, :kv].to(query.device)
+            blocked = keys if blocked is None else blocked | keys
+    mask = _additive_mask(attention_mask, q, kv, query.dtype, query.device)
+    if blocked is not None:
+        if mask is None:
+            mask = torch.zeros(1, 1, q, kv, dtype=query.dtype, device=query.device)
+        mask = mask.masked_fill(blocked[:, None, None, :], torch.finfo(query.dtype).min)
+    plan.calls += 1
+    if mask is not None and _packable(module, query, mask, {}):
+        return _packed_sdpa(query, key, value, mask, scaling, dropout)
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)
 
 
 def _packable(module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None,
