@@ -18,51 +18,29 @@ Configurations:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_interventions import build as build_intervention_model  # a sibling script in benchmarks/
 from PIL import Image
 
 from vlmscope.api import VLM
 from vlmscope.eval.model_eval import answer_fn
 from vlmscope.eval.runner import answer_questions
-from vlmscope.models.tiny import build_llava, build_tiny
+from vlmscope.models.tiny import build_tiny
 
 OBJECTS = ["dog", "car", "person", "umbrella", "bottle", "chair"]
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def build(config: str, args: argparse.Namespace) -> VLM:
-    dtype = getattr(torch, args.dtype)
     if config == "tiny":
         model, processor = build_tiny("llava")
-        return VLM(model.to(device=args.device, dtype=dtype).eval(), processor, "tiny-llava")
-    if config == "full":
-        text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=32)
-        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
-        scale = 1.0
-    else:
-        text = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
-                    num_key_value_heads=8)
-        vision, scale = None, 8.0
-    with _default_dtype(dtype), torch.device(args.device):
-        model, processor = build_llava(image_size=336, patch_size=14, text=text, vision=vision, scale=scale)
-    return VLM(model.to(device=args.device, dtype=dtype).eval(), processor, f"bench-{config}")
+        return VLM(model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval(), processor, "tiny-llava")
+    # The intervention benchmark's models: the small 576-image-token LLaVA, or LLaVA-1.5-7B shapes.
+    return build_intervention_model(argparse.Namespace(full=config == "full", dtype=args.dtype, device=args.device))
 
 
 def write_questions(root: Path, n_images: int, per_image: int) -> list[dict]:
