@@ -1,0 +1,169 @@
+"""Engine overhead, side by side in one run.
+
+1. idle engine: vlmscope greedy generate (own loop, engine registered, no ops) / stock SDPA `generate`;
+2. one captured layer (last row, image columns, every generated token) / stock `output_attentions=True` on
+   all layers (eager), time and peak memory.
+
+Default: a small LLaVA config with 576 image tokens (336 px, patch 14) on CPU. `--device cuda --full` uses
+LLaVA-1.5-7B shapes with random weights (needs a GPU with ~16 GB).
+Peak memory: CUDA max_memory_allocated on GPU; on CPU the peak RSS growth of a fresh subprocess per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def build(full: bool, device: str):
+    from vlmscope.api import VLM
+    from vlmscope.models.tiny import build_llava
+
+    if full:
+        text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=32)
+        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
+    else:
+        text = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
+                    num_key_value_heads=8)
+        vision = None
+    model, processor = build_llava(image_size=336, patch_size=14, text=text, vision=vision)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    model = model.to(device=device, dtype=dtype)
+    return VLM(model, processor, "bench-llava")
+
+
+def image():
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return Image.fromarray((rng.random((336, 336, 3)) * 255).astype("uint8"))
+
+
+def stock_inputs(vlm, prompt):
+    text = vlm.adapter.render_prompt(prompt)
+    inputs = vlm.processor(images=[image()], text=[text], return_tensors="pt").to(vlm.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(vlm.dtype)
+    return inputs
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def variant(name: str, vlm, tokens: int, layer: int):
+    prompt = "describe this image ."
+    if name == "stock_sdpa":
+        inputs = stock_inputs(vlm, prompt)
+        return lambda: vlm.model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    if name == "ours_idle":
+        return lambda: vlm.generate(image(), prompt, max_new_tokens=tokens)
+    if name == "stock_all_attentions":
+        inputs = stock_inputs(vlm, prompt)
+        vlm.model.set_attn_implementation({"text_config": "eager"})
+        return lambda: vlm.model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                          output_attentions=True, return_dict_in_generate=True)
+    if name == "ours_one_layer":
+        from vlmscope.explain.maps import explain
+
+        return lambda: explain(vlm, image(), prompt, layers=[layer], max_new_tokens=tokens)
+    raise ValueError(name)
+
+
+def measure_child(args) -> None:
+    """Run one variant in this (fresh) process and print its peak-memory growth."""
+    torch.set_num_threads(args.threads)
+    vlm = build(args.full, args.device)
+    fn = variant(args.child, vlm, args.tokens, args.layer)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = _rss_now()
+        fn()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    print(json.dumps({"peak_bytes": max(0, peak)}))
+
+
+def _rss_now() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--full", action="store_true", help="LLaVA-1.5-7B shapes (GPU)")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layer", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        measure_child(args)
+        return
+    torch.set_num_threads(args.threads)
+    vlm = build(args.full, args.device)
+    times = {}
+    for name in ("stock_sdpa", "ours_idle"):
+        fn = variant(name, vlm, args.tokens, args.layer)
+        fn()  # warm-up
+        times[name] = timed(fn, args.device, args.repeats)
+    have_explain = True
+    try:
+        import vlmscope.explain.maps  # noqa: F401
+    except ImportError:
+        have_explain = False
+    names = ["stock_all_attentions"] + (["ours_one_layer"] if have_explain else [])
+    for name in names:
+        fn = variant(name, vlm, args.tokens, args.layer)
+        fn()
+        times[name] = timed(fn, args.device, args.repeats)
+        vlm.model.set_attn_implementation({"text_config": "sdpa"})
+    peaks = {}
+    for name in names:
+        cmd = [sys.executable, __file__, "--child", name, "--device", args.device, "--tokens", str(args.tokens),
+               "--layer", str(args.layer), "--threads", str(args.threads)] + (["--full"] if args.full else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        peaks[name] = json.loads(out)["peak_bytes"]
+    n_img = 576
+    print(f"config: {'LLaVA-1.5-7B shapes' if args.full else 'small'} with {n_img} image tokens, "
+          f"{args.tokens} new tokens, device {args.device}, median of {args.repeats}")
+    for name, seconds in times.items():
+        print(f"  {name:22s} {seconds * 1000:9.1f} ms")
+    print(f"idle engine / stock SDPA generate: {times['ours_idle'] / times['stock_sdpa']:.3f}x  (goal <= 1.03)")
+    if have_explain:
+        print(f"one captured layer / stock output_attentions (all layers): time "
+              f"{times['ours_one_layer'] / times['stock_all_attentions']:.3f}x, peak memory "
+              f"{peaks['ours_one_layer'] / max(1, peaks['stock_all_attentions']):.3f}x "
+              f"({peaks['ours_one_layer'] / 2**20:.1f} MiB vs {peaks['stock_all_attentions'] / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The public entry: `vlmscope.load(...)` → `VLM` with `generate`, `explain` and `flow`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from vlmscope.attention.engine import AttentionPlan
+from vlmscope.decoding import DECODINGS, DecodingMethod
+from vlmscope.decoding.session import GenerationRun, Intervention
+from vlmscope.errors import InputError
+from vlmscope.images import load_image
+from vlmscope.interventions import INTERVENTIONS
+from vlmscope.models.adapters import Adapter, Batch, adapter_for
+from vlmscope.models.loading import load_model_and_processor
+
+
+@dataclass
+class GenerationResult:
+    """One input's generation: text, generated token ids, prompt ids and per-token log-probabilities."""
+
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    scores: list[float]
+    sequence_score: float | None = None
+    image_tokens: int = 0
+    decoding: str = "greedy"
+    interventions: list[str] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _as_list(value: Any) -> tuple[list[Any], bool]:
+    if isinstance(value, list | tuple):
+        return list(value), True
+    return [value], False
+
+
+class VLM:
+    """A loaded vision-language model with its processor and family adapter."""
+
+    def __init__(self, model: Any, processor: Any, model_id: str = "model") -> None:
+        self.model = model
+        self.processor = processor
+        self.model_id = model_id
+        self.adapter: Adapter = adapter_for(model, processor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # --- inputs -------------------------------------------------------------------------------------------
+    def encode(self, images: Sequence[Any], prompts: Sequence[str]) -> Batch:
+        if len(images) != len(prompts):
+            raise InputError(f"{len(images)} images for {len(prompts)} prompts: give one image per prompt")
+        for prompt in prompts:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise InputError("empty prompt: give a question or instruction about the image")
+        pil = [load_image(im) for im in images]
+        return self.adapter.encode(pil, list(prompts), device=self.device, dtype=self.dtype)
+
+    def resolve_decoding(self, decoding: Any) -> DecodingMethod:
+        if decoding is None:
+            return DECODINGS.create("greedy")
+        return DECODINGS.from_config(decoding)
+
+    def resolve_interventions(self, interventions: Any) -> list[Intervention]:
+        if interventions is None:
+            return []
+        if isinstance(interventions, str | dict) or isinstance(interventions, Intervention):
+            interventions = [interventions]
+        return [i if isinstance(i, Intervention) else INTERVENTIONS.from_config(i) for i in interventions]
+
+    # --- generation ---------------------------------------------------------------------------------------
+    def generate(self, image: Any, prompt: Any, max_new_tokens: int = 64, decoding: Any = None,
+                 interventions: Any = None) -> GenerationResult | list[GenerationResult]:
+        """Generate for one (image, prompt) or for lists of them (a left-padded batch).
+
+        `decoding`: a name, "name:k=v,...", a mapping with `name`, or a method instance (greedy, beam, ...).
+        `interventions`: the same forms, or a list of them; they compose in the order given.
+        """
+        images, is_batch = _as_list(image)
+        prompts, prompts_batch = _as_list(prompt)
+        if len(prompts) == 1 and len(images) > 1:
+            prompts = prompts * len(images)
+        if max_new_tokens < 1:
+            raise InputError("max_new_tokens must be at least 1")
+        method = self.resolve_decoding(decoding)
+        steering = self.resolve_interventions(interventions)
+        batch = self.encode(images, prompts)
+        results = self.generate_batch(batch, max_new_tokens, method, steering)
+        return results if (is_batch or prompts_batch) else results[0]
+
+    def generate_batch(self, batch: Batch, max_new_tokens: int, method: DecodingMethod,
+                       interventions: Sequence[Intervention] = (),
+                       capture_plan: AttentionPlan | None = None) -> list[GenerationResult]:
+        """Decode a prepared batch. `capture_plan`: an attention plan whose ops (captures) run in every forward."""
+        tokenizer = self.adapter.tokenizer
+        eos_ids = _eos_ids(self.model, tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+        start = time.perf_counter()
+        with torch.no_grad(), GenerationRun(self.model, self.adapter, batch, interventions,
+                                            capture_plan=capture_plan) as run:
+            hypotheses = method.decode(run, max_new_tokens, eos_ids, pad_id)
+            image_tokens = run.image_tokens
+        elapsed = time.perf_counter() - start
+        results = []
+        for row, hyp in enumerate(hypotheses):
+            prompt_ids = batch.input_ids[row][batch.attention_mask[row].bool()].tolist()
+            results.append(GenerationResult(
+                text=tokenizer.decode(hyp.token_ids, skip_special_tokens=True).strip(),
+                token_ids=hyp.token_ids,
+                prompt_ids=prompt_ids,
+                scores=hyp.scores,
+                sequence_score=hyp.sequence_score,
+                image_tokens=int(image_tokens[row]),
+                decoding=getattr(method, "name", type(method).__name__),
+                interventions=[getattr(i, "name", type(i).__name__) for i in interventions],
+                extras={**hyp.extras, "seconds": elapsed / max(1, len(hypotheses))},
+            ))
+        return results
+
+    # --- explain / flow are provided by vlmscope.explain -----------------------------------------------
+    def explain(self, image: Any, prompt: str, **kwargs: Any) -> Any:
+        from vlmscope.explain.maps import explain
+
+        return explain(self, image, prompt, **kwargs)
+
+    def flow(self, image: Any, prompt: str, answer: str | None = None, **kwargs: Any) -> Any:
+        from vlmscope.explain.flow import flow
+
+        return flow(self, image, prompt, answer=answer, **kwargs)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    gen = getattr(model, "generation_config", None)
+    value = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if value is None:
+        value = tokenizer.eos_token_id
+    for v in value if isinstance(value, list | tuple) else [value]:
+        if v is not None and int(v) not in ids:
+            ids.append(int(v))
+    return ids
+
+
+def load(model: str, device: str | None = None, dtype: Any = None) -> VLM:
+    """Load by hub id (`llava-hf/llava-1.5-7b-hf`), local directory, or built-in name (`tiny-llava`, ...).
+
+    Nothing is downloaded unless `model` is a hub id.
+    """
+    hf_model, processor, model_id = load_model_and_processor(model, device=device, dtype=dtype)
+    return VLM(hf_model, processor, model_id)

@@ -1,0 +1,62 @@
+"""`vlmscope explain`: per-token attention maps over the image, saved as NPZ + JSON + PNG overlays."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="hub id, local directory or tiny-llava / tiny-llava-next / "
+                        "tiny-qwen2-vl")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: the checkpoint's)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("explain", help="attention of every generated token to the image (maps + overlays)",
+                              description="Greedy-generate an answer and save what each generated token attended "
+                              "to in the image, per layer and head: attention.npz, run.json, PNG overlays.")
+    add_model_args(p)
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--prompt", required=True, help="question or instruction")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--steps", default="all", help="all, or generated-token indices: 0,1,5 or 0-4 (0 = first token)")
+    p.add_argument("--layers", default="all", help="all, 14, 0-3 or 10,14")
+    p.add_argument("--heads", default="all", help="all, 13,24 or 0-7")
+    p.add_argument("--reduce", default="layers,heads",
+                   help="axes averaged for the overlays: none, steps, layers, heads, all, or a combination "
+                   "such as steps,heads (default layers,heads: one overlay per step)")
+    p.add_argument("--reduce-op", default="mean", choices=["mean", "max", "sum"])
+    p.add_argument("--scale", default="shared", choices=["shared", "per-map"],
+                   help="colour scale shared across all overlays (comparable) or per map")
+    p.add_argument("--max-overlays", type=int, default=256, help="at most this many overlay PNGs")
+    p.add_argument("--no-overlays", action="store_true", help="only write attention.npz and run.json")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import vlmscope
+    from vlmscope.explain.maps import explain
+    from vlmscope.explain.select import check_range, parse_indices, parse_reduce
+    from vlmscope.images import load_image
+
+    # Cheap checks before loading a model, so a typo fails in a second.
+    layers = parse_indices(args.layers, "layer")
+    heads = parse_indices(args.heads, "head")
+    parse_indices(args.steps, "step")
+    parse_reduce(args.reduce)
+    image = load_image(args.image)
+    vlm = vlmscope.load(args.model, device=args.device, dtype=args.dtype)
+    check_range(layers, vlm.adapter.num_layers, "layer")
+    check_range(heads, vlm.adapter.num_heads, "head")
+    result = explain(vlm, image, args.prompt, steps=args.steps, layers=layers or "all",
+                     heads=heads or "all", reduce=args.reduce, reduce_op=args.reduce_op, scale=args.scale,
+                     max_new_tokens=args.max_new_tokens)
+    written = result.save(args.out, overlays=not args.no_overlays, max_overlays=args.max_overlays)
+    print(f"generated: {result.text!r}")
+    print(f"maps {list(result.maps.shape)} (steps, layers, heads, grid_h, grid_w) → {written['npz']}")
+    print(f"{len(written['overlays'])} overlays, {len(written['figures'])} step figure(s) in {args.out}")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,41 @@
+"""`vlmscope heads`: rank localization heads (Kang et al. 2025) over a directory of images."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vlmscope.cli.explain_cmd import add_model_args
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("heads", help="rank localization heads by image-attention sum and spatial entropy",
+                              description="One prefill per image; per image the top-K heads by the Kang et al. "
+                              "2025 criteria, then heads ranked by how often they are selected.")
+    add_model_args(p)
+    p.add_argument("--images", required=True, help="directory of images (or one image file)")
+    p.add_argument("--prompt", required=True, help="e.g. a referring expression or question")
+    p.add_argument("--top", type=int, default=5, help="heads selected per image (default 5)")
+    p.add_argument("--min-layer", type=int, default=2, help="exclude layers below this (default 2: layers 0-1)")
+    p.add_argument("--out", default=None, help="write the ranking as JSON here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import vlmscope
+    from vlmscope.explain.heads import image_files, rank_heads
+
+    images = image_files(args.images)  # fail on a bad directory before loading the model
+    if args.top < 1:
+        from vlmscope.errors import InputError
+
+        raise InputError("--top must be at least 1")
+    vlm = vlmscope.load(args.model, device=args.device, dtype=args.dtype)
+    ranking = rank_heads(vlm, images, args.prompt, top_k=args.top, min_layer=args.min_layer)
+    print(f"{len(images)} image(s), top {args.top} heads per image; heads by selection frequency:")
+    print(ranking.table())
+    if args.out:
+        path = ranking.save(args.out)
+        print(f"saved {path}")
+    sys.stdout.flush()
+    return 0

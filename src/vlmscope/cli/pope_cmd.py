@@ -1,0 +1,97 @@
+"""``vlmscope pope score`` (metrics of answers) and ``vlmscope pope build`` (question sets from COCO)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vlmscope.cli._common import print_json_line
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("pope", help="POPE object-probing questions: score answers or build question sets")
+    sub = p.add_subparsers(dest="pope_command", metavar="SUBCOMMAND", required=True)
+
+    s = sub.add_parser("score", help="accuracy, precision, recall, F1 and yes-ratio of model answers")
+    s.add_argument("--answers", type=Path, required=True, help="answers, JSON lines with question_id and answer/text")
+    s.add_argument(
+        "--questions", type=Path, required=True, action="append",
+        help="question file(s) (JSON lines); repeat for several splits",
+    )  # fmt: skip
+    s.add_argument(
+        "--rule", default="official",
+        choices=("official", "pope", "llava", "opera", "pai", "vcd", "exact", "lmms-eval"),
+        help="answer-parsing rule (default official)",
+    )  # fmt: skip
+    s.add_argument("--json", action="store_true", help="print the metrics as one JSON line last")
+    s.set_defaults(func=_score)
+
+    b = sub.add_parser("build", help="build POPE question files from a COCO instances file")
+    b.add_argument("--instances", type=Path, required=True, help="COCO instances JSON, e.g. instances_val2014.json")
+    b.add_argument("--split", choices=("random", "popular", "adversarial", "all"), default="all")
+    b.add_argument("--out", type=Path, required=True, help="output folder")
+    b.add_argument("--num-images", type=int, default=500)
+    b.add_argument("--num-questions", type=int, default=3, help="yes/no pairs per image (default 3)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--legacy-article-bug", action="store_true", help='reproduce "an ... in the imange?"')
+    b.add_argument("--plural-aware", action="store_true", help='"Are there skis ..." instead of "Is there a skis ..."')
+    b.set_defaults(func=_build)
+
+
+def _score(args: argparse.Namespace) -> int:
+    from vlmscope.eval.pope import METRIC_NAMES, load_answers, load_questions, pope_scores
+
+    questions = [q for path in args.questions for q in load_questions(path)]
+    answers = load_answers(args.answers)
+    # Without question ids the answers must follow the question order.
+    if not all(a.get("question_id") is not None for a in answers):
+        answers = [a["answer"] for a in answers]
+    out = pope_scores(answers, questions, rule=args.rule)
+    print(f"POPE, {out['n_questions']} questions, rule {out['rule']}")
+    header = f"  {'split':<12}" + "".join(f"{m:>10}" for m in METRIC_NAMES) + f"{'unparsed':>10}"
+    print(header)
+    for split, m in out["splits"].items():
+        print(f"  {split:<12}" + "".join(f"{m[k]:10.1f}" for k in METRIC_NAMES) + f"{m['unparsed']:10d}")
+    if len(out["splits"]) > 1:
+        print(f"  {'mean':<12}" + "".join(f"{out['mean'][k]:10.1f}" for k in METRIC_NAMES))
+    if args.json:
+        print_json_line(
+            {
+                "rule": out["rule"],
+                "splits": {s: {k: m[k] for k in METRIC_NAMES} for s, m in out["splits"].items()},
+                "mean": out["mean"],
+            }
+        )
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from vlmscope.eval.pope import build_pope, coco_image_objects, write_questions
+
+    objects = coco_image_objects(args.instances)
+    sets = build_pope(
+        objects,
+        args.split,
+        num_images=args.num_images,
+        num_questions=args.num_questions,
+        seed=args.seed,
+        legacy_article_bug=args.legacy_article_bug,
+        plural_aware=args.plural_aware,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    for split, questions in sets.items():
+        path = write_questions(questions, args.out / f"coco_pope_{split}.jsonl")
+        print(f"wrote {len(questions)} questions to {path}")
+    images = list(dict.fromkeys(q["image"] for q in next(iter(sets.values()))))
+    info = {
+        "instances": str(args.instances),
+        "seed": args.seed,
+        "num_images": args.num_images,
+        "num_questions": args.num_questions,
+        "legacy_article_bug": args.legacy_article_bug,
+        "plural_aware": args.plural_aware,
+        "images": images,
+    }
+    (args.out / "build_info.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    return 0

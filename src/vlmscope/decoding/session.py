@@ -1,0 +1,192 @@
+"""One generation over a batch: inputs, the KV cache, positions, the attention plan and the interventions.
+
+Decoding methods (greedy, beam search, OPERA, ...) drive a `GenerationRun` through four verbs: `expand(n)`
+(before the prefill), `prefill()`, `advance(tokens)` and `reorder(index)`; each forward returns the last
+position's logits after every intervention has processed them. Interventions contribute attention-plan
+operations, forward hooks and extra branches (VCD, CFG) through the `Intervention` protocol below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from vlmscope.attention.engine import AttentionPlan, attention_plan, decoder_attention_modules
+from vlmscope.models.adapters import Adapter, Batch
+
+
+class Intervention:
+    """Base class of steering methods. Subclasses are dataclasses registered in `vlmscope.interventions`.
+
+    Lifecycle within one `GenerationRun`: `prepare` (may rewrite the batch, before expansion), `setup`
+    (add plan ops, hooks and branches; after expansion, before the prefill), then for every forward
+    `process_logits`; `reorder` follows beam reorders; `close` undoes everything, also after an exception.
+    """
+
+    name = "intervention"
+    # Set False when the method keeps state that cannot follow a rollback (OPERA) or beam reorder.
+    supports_rollback = True
+    supports_beams = True
+
+    def prepare(self, run: GenerationRun) -> None:
+        pass
+
+    def setup(self, run: GenerationRun) -> None:
+        pass
+
+    def process_logits(self, logits: torch.Tensor, run: GenerationRun, new_tokens: torch.Tensor | None
+                       ) -> torch.Tensor:
+        return logits
+
+    def reorder(self, index: torch.Tensor) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class GenerationRun:
+    def __init__(self, model: Any, adapter: Adapter, batch: Batch,
+                 interventions: Sequence[Intervention] = (), capture_plan: AttentionPlan | None = None) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.batch = batch
+        self.interventions = list(interventions)
+        self.plan = capture_plan or AttentionPlan(decoder_attention_modules(model))
+        self.plan.image_mask = batch.image_mask
+        self.device = batch.input_ids.device
+        self.num_beams = 1
+        self.cache: Any = None
+        self.attention_mask: torch.Tensor | None = None
+        self.last_positions: torch.Tensor | None = None  # [N] or [3, N]
+        self.prompt_len = batch.input_ids.shape[1]
+        self.step = 0
+        self.inputs_embeds: torch.Tensor | None = None  # set by interventions that rewrite the prompt
+        self.position_ids: torch.Tensor | None = None
+        self.extra_forward_kwargs: dict[str, Any] = {}
+        self._stack = contextlib.ExitStack()
+        self.image_tokens = batch.image_mask.sum(dim=1).tolist()
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    def __enter__(self) -> GenerationRun:
+        self._stack.__enter__()
+        try:
+            for intervention in self.interventions:
+                self._stack.callback(intervention.close)
+                intervention.prepare(self)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.__exit__(*exc)
+
+    def enter_context(self, cm: Any) -> Any:
+        return self._stack.enter_context(cm)
+
+    def replace_batch(self, batch: Batch) -> None:
+        """Swap in a rewritten prompt (in `prepare`, before expansion), e.g. after dropping image tokens.
+
+        The fields derived from the batch (the plan's image mask, the prompt length, the per-row image-token
+        counts) follow the new batch; positions default to the new attention mask unless `position_ids` is set.
+        """
+        self.batch = batch
+        self.plan.image_mask = batch.image_mask
+        self.device = batch.input_ids.device
+        self.prompt_len = batch.input_ids.shape[1]
+        self.image_tokens = batch.image_mask.sum(dim=1).tolist()
+
+    def expand(self, n: int) -> None:
+        """Repeat every row n times (beams), before the prefill."""
+        self.num_beams = n
+        if n == 1:
+            return
+        batch = self.batch
+        rep = {}
+        grid = batch.model_inputs.get("image_grid_thw")
+        for key, value in batch.model_inputs.items():
+            if key == "pixel_values" and grid is not None:
+                # Qwen packs all images' patches in one [patches, dim] tensor: repeat per image.
+                chunks = value.split(grid.prod(-1).tolist(), dim=0)
+                rep[key] = torch.cat([c for c in chunks for _ in range(n)], dim=0)
+            else:
+                rep[key] = _repeat_rows(value, n, batch.batch_size)
+        self.batch = Batch(
+            batch.input_ids.repeat_interleave(n, 0), batch.attention_mask.repeat_interleave(n, 0), rep,
+            batch.image_mask.repeat_interleave(n, 0),
+            [s for s in batch.image_sizes for _ in range(n)], [p for p in batch.prompts for _ in range(n)],
+        )
+        self.plan.image_mask = self.batch.image_mask
+        if self.inputs_embeds is not None:
+            self.inputs_embeds = self.inputs_embeds.repeat_interleave(n, 0)
+        if self.position_ids is not None:
+            dim = 1 if self.position_ids.dim() == 3 else 0
+            self.position_ids = self.position_ids.repeat_interleave(n, dim)
+
+    # --- forwards -------------------------------------------------------------------------------------
+    def _forward(self, **kwargs: Any) -> torch.Tensor:
+        with attention_plan(self.model, self.plan):
+            out = self.model(**kwargs, **self.extra_forward_kwargs, use_cache=True, return_dict=True)
+        return out.logits[:, -1, :].float()
+
+    def prefill(self) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        for intervention in self.interventions:
+            intervention.setup(self)
+        batch = self.batch
+        self.cache = DynamicCache(config=self.model.config)
+        self.attention_mask = batch.attention_mask
+        positions = self.position_ids if self.position_ids is not None else self.adapter.position_ids(batch)
+        self.last_positions = positions[..., -1]
+        self.plan.step = self.step = 0
+        kwargs: dict[str, Any] = dict(attention_mask=self.attention_mask, position_ids=positions,
+                                      past_key_values=self.cache, logits_to_keep=1)
+        if self.inputs_embeds is not None:
+            kwargs["inputs_embeds"] = self.inputs_embeds
+        else:
+            kwargs["input_ids"] = batch.input_ids
+            kwargs.update(batch.model_inputs)
+        logits = self._forward(**kwargs)
+        return self._process(logits, None)
+
+    def advance(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one new token per row; returns the processed logits for the next position."""
+        tokens = tokens.view(-1, 1).to(self.device)
+        n = tokens.shape[0]
+        self.attention_mask = torch.cat(
+            [self.attention_mask, torch.ones(n, 1, dtype=self.attention_mask.dtype, device=self.device)], dim=1
+        )
+        self.last_positions = self.last_positions + 1
+        positions = self.last_positions[..., None]
+        self.step += 1
+        self.plan.step = self.step
+        logits = self._forward(input_ids=tokens, attention_mask=self.attention_mask, position_ids=positions,
+                               past_key_values=self.cache)
+        return self._process(logits, tokens.view(-1))
+
+    def _process(self, logits: torch.Tensor, new_tokens: torch.Tensor | None) -> torch.Tensor:
+        for intervention in self.interventions:
+            logits = intervention.process_logits(logits, self, new_tokens)
+        return logits
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Reorder / select cache rows (beam search). `index` indexes the current rows."""
+        index = index.to(self.device)
+        self.cache.reorder_cache(index)
+        self.attention_mask = self.attention_mask.index_select(0, index)
+        dim = 1 if self.last_positions.dim() == 2 else 0
+        self.last_positions = self.last_positions.index_select(dim, index)
+        self.plan.reorder(index)
+        for intervention in self.interventions:
+            intervention.reorder(index)
+
+
+def _repeat_rows(value: Any, n: int, batch_size: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
+        return value.repeat_interleave(n, 0)
+    return value

@@ -1,0 +1,399 @@
+"""POPE (Li et al., EMNLP 2023): question files, set construction, answer parsing, metrics.
+
+Questions are JSON lines ``{"question_id", "image", "text", "label"}`` (the official COCO files are JSON lines
+despite their ``.json`` name). Construction follows AoiDragon/POPE with an explicit seed: images with at least
+`num_questions` objects form the pool, `num_images` are sampled, and each image gets, for its first
+`num_questions` objects *in annotation order*, a "yes" question followed by a "no" question about an object
+absent from the image and not yet asked about for it: a random pool object (``random``), the most frequent
+pool object (``popular``) or the object co-occurring most often with the positive one (``adversarial``), with
+a random fallback. By default only the article changes before a vowel ("Is there an apple in the image?");
+``legacy_article_bug=True`` reproduces the original ``template.replace("a", "an")`` ("... in the imange?").
+
+Answer parsers (``rule=``): ``official`` (also ``pope``, ``llava``): first sentence, commas removed, split on
+spaces, "no" if a word is ``No``/``not``/``no``, else "yes" — so "NO", "isn't" and an empty answer are "yes";
+``opera`` (also ``pai``): whole answer without ``.``/``,``, "no" if a word is ``No``/``not``/``no``/``NO`` or
+ends with "n't"; ``vcd``: lower-cased substring test against the label ("yes" in the answer for a yes
+question, "no" in it — also inside "not", "know", "cannot" — for a no question); ``exact`` (also
+``lmms-eval``): the stripped, lower-cased answer must be exactly "yes" or "no"; anything else is wrong for
+accuracy and left out of precision/recall. The yes-ratio is always computed from the predictions. Every
+split reports ``unparsed`` (exact rule) and ``empty`` answers (mapped to "yes" by the sentence rules).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from vlmscope.errors import InputError
+
+__all__ = [
+    "RULES",
+    "SPLITS",
+    "build_pope",
+    "coco_image_objects",
+    "load_answers",
+    "load_questions",
+    "parse_answer",
+    "pope_scores",
+    "question_file_info",
+    "write_questions",
+]
+
+SPLITS = ("random", "popular", "adversarial")
+DEFAULT_TEMPLATE = "Is there a {} in the image?"
+PLURAL_TEMPLATE = "Are there {} in the image?"
+# COCO category names that are plural nouns: "Is there a skis ..." in the official files.
+PLURAL_NAMES = frozenset({"skis", "scissors"})
+METRIC_NAMES = ("Accuracy", "Precision", "Recall", "F1", "Yes_ratio")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Answer parsing: each returns "yes", "no", or None (unparsed; only the exact rule produces None).
+
+
+def _parse_official(answer: str, label: str) -> str | None:
+    text = answer.split(".")[0] if "." in answer else answer
+    words = text.replace(",", "").split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def _parse_opera(answer: str, label: str) -> str | None:
+    words = answer.replace(".", "").replace(",", "").split(" ")
+    negative = any(w in ("No", "not", "no", "NO") or w.endswith("n't") for w in words)
+    return "no" if negative else "yes"
+
+
+def _parse_vcd(answer: str, label: str) -> str | None:
+    # VCD scores against the label: the prediction is "right" if the label word occurs as a substring.
+    text = answer.lower()
+    if label == "yes":
+        return "yes" if "yes" in text else "no"
+    return "no" if "no" in text else "yes"
+
+
+def _parse_exact(answer: str, label: str) -> str | None:
+    text = answer.lower().strip()
+    return text if text in ("yes", "no") else None
+
+
+RULES: dict[str, Callable[[str, str], str | None]] = {
+    "official": _parse_official,
+    "pope": _parse_official,
+    "llava": _parse_official,
+    "opera": _parse_opera,
+    "pai": _parse_opera,
+    "vcd": _parse_vcd,
+    "exact": _parse_exact,
+    "lmms-eval": _parse_exact,
+}
+
+
+def parse_answer(answer: str | None, rule: str = "official", label: str = "yes") -> str | None:
+    """Map a model answer to "yes"/"no" (None: unparseable under the exact rule). `label` matters for vcd only."""
+    if rule not in RULES:
+        raise InputError(f"unknown answer rule {rule!r}; use one of {', '.join(sorted(RULES))}")
+    return RULES[rule]("" if answer is None else str(answer), label)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files
+
+
+def _read_records(path: Path) -> list[tuple[int, Any]]:
+    if not path.is_file():
+        raise InputError(f"file not found: {path}; check the path")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            return list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}; fix the file") from exc
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}: line {lineno} is not valid JSON ({exc.msg}); fix or remove that line") from exc
+    return out
+
+
+def load_questions(path: str | os.PathLike[str], split: str | None = None) -> list[dict[str, Any]]:
+    """Read a POPE question file; `split` (default: guessed from the file name) is stored in each question."""
+    p = Path(path)
+    if split is None:
+        split = next((s for s in SPLITS if s in p.stem), p.stem)
+    questions = []
+    for lineno, rec in _read_records(p):
+        if not isinstance(rec, dict):
+            raise InputError(f"{p}: record {lineno} is not a JSON object; use POPE question lines")
+        missing = [k for k in ("question_id", "image", "text", "label") if k not in rec]
+        if missing:
+            raise InputError(f"{p}: line {lineno} lacks {', '.join(missing)}; use POPE question lines")
+        label = str(rec["label"]).strip().lower()
+        if label not in ("yes", "no"):
+            raise InputError(f"{p}: line {lineno} has label {rec['label']!r}; labels must be yes or no")
+        questions.append({**rec, "label": label, "split": rec.get("split", split)})
+    return questions
+
+
+def question_file_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """SHA-256, line count, first image and id base: identify the POPE file version (pope.md §2)."""
+    p = Path(path)
+    data = p.read_bytes()
+    questions = load_questions(p)
+    return {
+        "path": str(p),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "lines": len(questions),
+        "first_image": questions[0]["image"] if questions else None,
+        "id_base": min((q["question_id"] for q in questions), default=None),
+    }
+
+
+_ANSWER_KEYS = ("answer", "text", "prediction", "output", "response")
+
+
+def load_answers(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read model answers (JSON lines or array) with ``question_id`` and one of answer/text/prediction/output."""
+    p = Path(path)
+    out = []
+    for lineno, rec in _read_records(p):
+        if not isinstance(rec, dict):
+            raise InputError(f"{p}: record {lineno} is not a JSON object; use one answer object per line")
+        key = next((k for k in _ANSWER_KEYS if k in rec), None)
+        if key is None:
+            raise InputError(f"{p}: line {lineno} has none of the keys {', '.join(_ANSWER_KEYS)}; add the answer text")
+        row = {"question_id": rec.get("question_id"), "answer": rec[key]}
+        if rec.get("split") is not None:
+            row["split"] = rec["split"]
+        out.append(row)
+    return out
+
+
+def write_questions(questions: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Write questions as JSON lines with the official four fields."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        json.dumps({k: q[k] for k in ("question_id", "image", "text", "label")}, ensure_ascii=False) for q in questions
+    ]
+    out.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _metrics(preds: Sequence[str | None], labels: Sequence[str]) -> dict[str, Any]:
+    tp = sum(p == "yes" and g == "yes" for p, g in zip(preds, labels))
+    fp = sum(p == "yes" and g == "no" for p, g in zip(preds, labels))
+    tn = sum(p == "no" and g == "no" for p, g in zip(preds, labels))
+    fn = sum(p == "no" and g == "yes" for p, g in zip(preds, labels))
+    n = len(labels)
+    unparsed = sum(p is None for p in preds)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "Accuracy": 100 * (tp + tn) / n if n else 0.0,
+        "Precision": 100 * precision,
+        "Recall": 100 * recall,
+        "F1": 100 * f1,
+        "Yes_ratio": 100 * sum(p == "yes" for p in preds) / n if n else 0.0,
+        "n": n,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "unparsed": unparsed,
+    }
+
+
+def _answer_text(answer: Any) -> Any:
+    if isinstance(answer, Mapping):
+        key = next((k for k in _ANSWER_KEYS if k in answer), None)
+        if key is None:
+            raise InputError(f"answer {dict(answer)!r} has none of the keys {', '.join(_ANSWER_KEYS)}; add the answer text")
+        return answer[key]
+    return answer
+
+
+def pope_scores(
+    answers: Iterable[Mapping[str, Any] | str], questions: Iterable[Mapping[str, Any]], rule: str = "official"
+) -> dict[str, Any]:
+    """Accuracy, Precision, Recall, F1 and yes-ratio (percent) per split, their mean over splits, and counts.
+
+    Answers are matched to questions by ``question_id`` when every answer has one, otherwise by position.
+    A question's split is its ``split`` (or ``category``) field, ``"all"`` if absent.
+    """
+    if rule not in RULES:
+        raise InputError(f"unknown answer rule {rule!r}; use one of {', '.join(sorted(RULES))}")
+    qs = list(questions)
+    ans = list(answers)
+    keyed = bool(ans) and all(isinstance(a, Mapping) and a.get("question_id") is not None for a in ans)
+    if keyed:
+        # Answers that name their split are matched on (split, id): ids restart in every official file.
+        with_split = all(a.get("split") is not None for a in ans)
+
+        def qkey(q: Mapping[str, Any]) -> Any:
+            return (str(q.get("split") or q.get("category") or "all"), q["question_id"]) if with_split else q["question_id"]
+
+        ids = [qkey(q) for q in qs]
+        if len(set(ids)) != len(ids):
+            raise InputError(
+                "question ids repeat (several splits?); give answers a split field, score each split separately, "
+                "or give answers in question order"
+            )
+        by_id: dict[Any, Any] = {}
+        for a in ans:
+            by_id[qkey(a)] = _answer_text(a)
+        missing = [k for k in ids if k not in by_id]
+        if missing:
+            raise InputError(f"{len(missing)} questions have no answer (first: {missing[0]}); answer every question")
+        texts = [by_id[k] for k in ids]
+    else:
+        if len(ans) != len(qs):
+            raise InputError(f"{len(ans)} answers for {len(qs)} questions; give one answer per question, in order")
+        texts = [_answer_text(a) for a in ans]
+    groups: dict[str, tuple[list[str | None], list[str]]] = {}
+    empty: Counter[str] = Counter()
+    for q, text in zip(qs, texts):
+        label = str(q["label"]).strip().lower()
+        split = str(q.get("split") or q.get("category") or "all")
+        preds, labels = groups.setdefault(split, ([], []))
+        preds.append(parse_answer(text, rule, label))
+        labels.append(label)
+        empty[split] += text is None or not str(text).strip()
+    splits = {name: {**_metrics(*groups[name]), "empty": empty[name]} for name in groups}
+    mean = {k: sum(s[k] for s in splits.values()) / len(splits) for k in METRIC_NAMES} if splits else {}
+    return {"rule": rule, "n_questions": len(qs), "splits": splits, "mean": mean}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Construction
+
+
+def coco_image_objects(instances: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, list[str]]:
+    """``{image file name: [category names in annotation order, no repeats]}`` from a COCO instances file."""
+    if isinstance(instances, Mapping):
+        data = instances
+    else:
+        p = Path(instances)
+        if not p.is_file():
+            raise InputError(f"instances file not found: {p}; pass e.g. annotations/instances_val2014.json")
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{p} is not valid JSON ({exc.msg}); pass a COCO instances file") from exc
+    if not all(k in data for k in ("images", "annotations", "categories")):
+        raise InputError("not a COCO instances file (needs images, annotations, categories); pass instances_*.json")
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    files = {img["id"]: img.get("file_name") or f"COCO_val2014_{img['id']:012d}.jpg" for img in data["images"]}
+    objects: dict[str, list[str]] = {}
+    for ann in data["annotations"]:
+        fname = files.get(ann["image_id"])
+        if fname is None:
+            continue
+        seen = objects.setdefault(fname, [])
+        name = names[ann["category_id"]]
+        if name not in seen:
+            seen.append(name)
+    return objects
+
+
+def _question_text(obj: str, template: str, legacy_article_bug: bool, plural_aware: bool) -> str:
+    if plural_aware and obj in PLURAL_NAMES and template == DEFAULT_TEMPLATE:
+        return PLURAL_TEMPLATE.format(obj)
+    if obj[:1] in "aeiou":
+        if legacy_article_bug:
+            # The original replaced every "a": "Is there an apple in the imange?"
+            return template.replace("a", "an").format(obj)
+        return re.sub(r"\ba(?= \{\})", "an", template).format(obj)
+    return template.format(obj)
+
+
+def build_pope(
+    image_objects: Mapping[str, Sequence[str]],
+    splits: str | Iterable[str] = "all",
+    num_images: int = 500,
+    num_questions: int = 3,
+    seed: int = 0,
+    template: str = DEFAULT_TEMPLATE,
+    legacy_article_bug: bool = False,
+    plural_aware: bool = False,
+) -> dict[str, list[dict[str, Any]]]:
+    """Build POPE question sets ``{split: questions}`` from ``{image: [objects]}`` (see `coco_image_objects`).
+
+    All splits use the same `num_images` images, sampled with `seed`; each image yields `num_questions`
+    yes/no pairs. Random negatives draw from a generator seeded by (seed, split), so a split's questions do
+    not depend on which other splits are built.
+    """
+    wanted = list(SPLITS) if splits == "all" else [splits] if isinstance(splits, str) else list(splits)
+    for s in wanted:
+        if s not in SPLITS:
+            raise InputError(f"unknown POPE split {s!r}; use random, popular, adversarial or all")
+    if num_questions < 1 or num_images < 1:
+        raise InputError("num_images and num_questions must be positive")
+    pool = sorted(img for img, objs in image_objects.items() if len(objs) >= num_questions)
+    if len(pool) < num_images:
+        raise InputError(
+            f"only {len(pool)} images have at least {num_questions} objects; lower --num-images to {len(pool)} or less"
+        )
+    images = random.Random(seed).sample(pool, num_images)
+    # Statistics over the sampled images only, as the reference does.
+    frequency: Counter[str] = Counter()
+    co_occur: dict[str, Counter[str]] = {}
+    for img in images:
+        objs = list(dict.fromkeys(image_objects[img]))
+        frequency.update(objs)
+        for o in objs:
+            co_occur.setdefault(o, Counter()).update(x for x in objs if x != o)
+    vocabulary = sorted(frequency)
+    # Ties broken by name so that the order does not depend on dict insertion order.
+    by_frequency = sorted(vocabulary, key=lambda o: (-frequency[o], o))
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for split in wanted:
+        rng = random.Random(f"pope:{seed}:{split}")
+        questions: list[dict[str, Any]] = []
+        for img in images:
+            objs = list(dict.fromkeys(image_objects[img]))
+            present = set(objs)
+            used: set[str] = set()
+            for positive in objs[:num_questions]:
+                allowed = [o for o in vocabulary if o not in present and o not in used]
+                if not allowed:
+                    raise InputError(f"no negative object left for image {img}; use a larger image pool")
+                if split == "popular":
+                    ranked = by_frequency
+                elif split == "adversarial":
+                    ranked = sorted(co_occur[positive], key=lambda o: (-co_occur[positive][o], o))
+                else:
+                    ranked = []
+                negative = next((o for o in ranked if o not in present and o not in used), None)
+                if negative is None:
+                    # The reference redraws a random pool object until it is valid; drawing from the valid
+                    # ones directly gives the same distribution.
+                    negative = rng.choice(allowed)
+                used.add(negative)
+                for obj, label in ((positive, "yes"), (negative, "no")):
+                    questions.append(
+                        {
+                            "question_id": len(questions) + 1,
+                            "image": img,
+                            "text": _question_text(obj, template, legacy_article_bug, plural_aware),
+                            "label": label,
+                            "object": obj,
+                        }
+                    )
+        out[split] = questions
+    return out

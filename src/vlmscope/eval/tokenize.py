@@ -1,0 +1,140 @@
+"""Dependency-free word tokenisation that behaves like ``nltk.word_tokenize`` on caption text.
+
+``nltk.word_tokenize`` first splits sentences with the Punkt model and then runs the (improved) Treebank
+word tokenizer on each sentence. The Treebank rules only split a period off the *last* word of the string, so
+the sentence splitter decides which periods become separate tokens; CHAIR's ``Len`` counts these tokens and a
+period left attached ("table.") hides an object word.
+
+What is reproduced:
+- Treebank rules for ASCII text: quotes become ``` `` ``` / ``''``; ``, ; : @ # $ % & ? ! * ( ) [ ] { } < >``
+  and ``--`` are split off (a comma or colon followed by a digit stays, "1,000"); ``...`` is one token;
+  clitics ``'s 'm 'd 'll 're 've n't`` and a bare trailing ``'`` are split; "cannot" → "can not" and the other
+  MacIntyre contractions; hyphenated words stay one token.
+- Punkt decisions for *lower-cased* text (which is what CHAIR feeds it): a period followed by whitespace ends
+  a sentence unless the word before it is a known abbreviation, a number, a single letter, or an ellipsis
+  (Punkt's orthographic heuristic never starts a sentence with a lower-case word it has seen capitalised).
+
+Not reproduced: Punkt's learned collocation list and its full abbreviation list (a short list of common
+abbreviations is used), and the handling of non-ASCII quotes/dashes. On the released LLaVA-1.5 CHAIR logs the
+token sequences are identical to NLTK's Treebank tokenizer applied to the same sentences.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["sent_tokenize", "treebank_tokenize", "word_tokenize"]
+
+# Abbreviations whose period does not end a sentence (a subset of Punkt's English model; lower case,
+# without the final period).
+ABBREVIATIONS = frozenset(
+    """
+    mr mrs ms dr st jr sr vs etc e.g i.e u.s u.k u.s.a inc co corp ltd mt ft approx dept
+    jan feb apr jun jul aug sep sept oct nov dec tue thu fri prof lt sgt capt
+    """.split()
+)
+# Deliberately absent although Punkt may know them: words that end lower-case caption sentences far more
+# often than they abbreviate ("sun", "sat", "mar", "wed", "no", "fig", "gen", "col").
+
+_CLOSERS = "\"')]}"
+_NUMBER = re.compile(r"^-?[.,]?\d[\d,.\-]*\.?$")
+_INITIAL = re.compile(r"^[^\W\d]\.$")
+
+
+def _ends_sentence(chunk: str) -> bool:
+    """Whether a whitespace-delimited chunk ends a sentence (Punkt's decision on lower-cased text)."""
+    core = chunk.rstrip(_CLOSERS)
+    if not core or core[-1] not in ".?!":
+        return False
+    if core[-1] in "?!":
+        return True
+    if core.endswith(".."):
+        # An ellipsis followed by a lower-case word continues the sentence.
+        return False
+    word = core[:-1].lower()
+    if not word:
+        return True
+    if word in ABBREVIATIONS or word.split("-")[-1] in ABBREVIATIONS:
+        return False
+    # Numbers ("395.") and initials ("a.") are only sentence ends before an upper-case word.
+    return not (_NUMBER.match(core) or _INITIAL.match(core))
+
+
+def sent_tokenize(text: str) -> list[str]:
+    """Split lower-cased text into sentences the way Punkt does for it."""
+    sentences: list[str] = []
+    start = 0
+    for match in re.finditer(r"\S+", text):
+        if _ends_sentence(match.group()) and match.end() < len(text.rstrip()):
+            sentences.append(text[start : match.end()].strip())
+            start = match.end()
+    rest = text[start:].strip()
+    if rest:
+        sentences.append(rest)
+    return [s for s in sentences if s]
+
+
+# Treebank passes, in order. Each is (pattern, replacement); the order matters (e.g. the quote rules
+# run before the clitic rules).
+_START_QUOTES = [
+    (re.compile(r"[`]+"), r" \g<0> "),
+    (re.compile(r'^"'), "``"),
+    (re.compile(r"(``)"), r" \1 "),
+    (re.compile(r"([ (\[{<])(\"|'')"), r"\1 `` "),
+    # A leading apostrophe before a word that is not a clitic: "'hello" -> "'", "hello".
+    (re.compile(r"(?i)(?<!\w)(')(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)"), r"\1 "),
+]
+_PUNCT = [
+    (re.compile(r"([^.])(\.)([\]\)}>\"']*)\s*$"), r"\1 \2 \3 "),
+    (re.compile(r"([:,])([^\d])"), r" \1 \2"),
+    (re.compile(r"([:,])$"), r" \1 "),
+    (re.compile(r"\.{2,}"), r" \g<0> "),
+    (re.compile(r"[;@#$%&]"), r" \g<0> "),
+    (re.compile(r"[?!]"), r" \g<0> "),
+    (re.compile(r"([^'])' "), r"\1 ' "),
+    (re.compile(r"[*]"), r" \g<0> "),
+    (re.compile(r"[\]\[(){}<>]"), r" \g<0> "),
+    (re.compile(r"--"), r" -- "),
+]
+_END_QUOTES = [
+    (re.compile(r"''"), " '' "),
+    (re.compile(r'"'), " '' "),
+    (re.compile(r"\s+"), " "),
+    (re.compile(r"([^' ])('[sS]|'[mM]|'[dD]|') "), r"\1 \2 "),
+    (re.compile(r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) "), r"\1 \2 "),
+]
+_CONTRACTIONS = [
+    re.compile(p)
+    for p in (
+        r"(?i)\b(can)(not)\b",
+        r"(?i)\b(d)('ye)\b",
+        r"(?i)\b(gim)(me)\b",
+        r"(?i)\b(gon)(na)\b",
+        r"(?i)\b(got)(ta)\b",
+        r"(?i)\b(lem)(me)\b",
+        r"(?i)\b(more)('n)\b",
+        r"(?i)\b(wan)(na)(?=\s)",
+        r"(?i) ('t)(is)\b",
+        r"(?i) ('t)(was)\b",
+    )
+]
+
+
+def treebank_tokenize(sentence: str) -> list[str]:
+    """Tokenise one sentence with the Treebank rules (see the module docstring)."""
+    text = sentence
+    for pattern, repl in _START_QUOTES:
+        text = pattern.sub(repl, text)
+    for pattern, repl in _PUNCT:
+        text = pattern.sub(repl, text)
+    text = f" {text} "
+    for pattern, repl in _END_QUOTES:
+        text = pattern.sub(repl, text)
+    for pattern in _CONTRACTIONS:
+        text = pattern.sub(r" \1 \2 ", text)
+    return text.split()
+
+
+def word_tokenize(text: str) -> list[str]:
+    """Sentence-split, then Treebank-tokenise each sentence (``nltk.word_tokenize`` equivalent)."""
+    return [tok for sent in sent_tokenize(text) for tok in treebank_tokenize(sent)]

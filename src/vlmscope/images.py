@@ -1,0 +1,36 @@
+"""Reading images with errors that say what to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vlmscope.errors import InputError
+
+
+def load_image(image: Any) -> Any:
+    """A PIL image (RGB) from a PIL image, a path, or a numpy array."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, str | Path):
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"image file not found: {path}")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return img.convert("RGB")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InputError(f"cannot read image {path}: corrupt or not an image ({exc.__class__.__name__})") from None
+    try:
+        import numpy as np
+
+        if isinstance(image, np.ndarray):
+            return Image.fromarray(image).convert("RGB")
+    except ImportError:  # pragma: no cover
+        pass
+    if image is None:
+        raise InputError("no image given: every prompt needs an image")
+    raise InputError(f"cannot use {type(image).__name__} as an image: pass a path or a PIL image")

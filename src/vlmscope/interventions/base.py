@@ -1,0 +1,10 @@
+"""The intervention registry. Each method lives in its own module and registers itself on import."""
+
+from __future__ import annotations
+
+from vlmscope.decoding.session import Intervention
+from vlmscope.registry import Registry
+
+INTERVENTIONS = Registry("intervention")
+
+__all__ = ["INTERVENTIONS", "Intervention"]

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny offline models and generated images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def make_image(seed: int, width: int = 48, height: int = 40):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="session")
+def images():
+    return [make_image(0, 48, 40), make_image(1, 40, 64)]
+
+
+@pytest.fixture(scope="session")
+def tiny_llava():
+    import vlmscope
+
+    return vlmscope.load("tiny-llava", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def image_file(tmp_path_factory, images):
+    path = tmp_path_factory.mktemp("img") / "image.png"
+    images[0].save(path)
+    return path

@@ -1,0 +1,37 @@
+"""The CLI: generate / methods / errors, exit codes and the JSON line."""
+
+from __future__ import annotations
+
+import json
+
+from vlmscope.cli import main
+
+
+def test_generate_json(image_file, capsys):
+    code = main(["generate", "--model", "tiny-llava", "--image", str(image_file), "--prompt",
+                 "describe this image .", "--max-new-tokens", "4", "--json", "--decoding", "beam:num_beams=2"])
+    assert code == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["decoding"] == "beam" and row["image_tokens"] == 16
+    assert len(row["scores"]) == len(row["token_ids"]) <= 4
+
+
+def test_methods_lists_registries(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "beam: num_beams=5" in out and "greedy" in out
+
+
+def test_errors_exit_nonzero_with_one_line(tmp_path, image_file, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_text("nope")
+    cases = [
+        ["generate", "--model", "tiny-llava", "--image", str(bad), "--prompt", "x"],
+        ["generate", "--model", "tiny-llava", "--image", str(tmp_path / "missing.png"), "--prompt", "x"],
+        ["generate", "--model", str(tmp_path / "nomodel"), "--image", str(image_file), "--prompt", "x"],
+        ["generate", "--model", "tiny-llava", "--image", str(image_file), "--prompt", "x", "--decoding", "beam:k=1"],
+    ]
+    for argv in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1

@@ -1,0 +1,145 @@
+"""Our decoding loop against stock transformers `generate` (the oracle), on every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlmscope
+from vlmscope.errors import InputError, UnsupportedModelError
+
+PROMPTS = ["describe this image .", "what is in the image ?"]
+
+
+def stock_generate(vlm, image, prompt, **kwargs):
+    text = vlm.adapter.render_prompt(prompt)
+    inputs = vlm.processor(images=[image], text=[text], return_tensors="pt")
+    out = vlm.model.generate(**inputs, do_sample=False, return_dict_in_generate=True, output_scores=True,
+                             **kwargs)
+    new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    return new, out
+
+
+def strip_pad(tokens, pad_id):
+    while tokens and tokens[-1] == pad_id:
+        tokens = tokens[:-1]
+    return tokens
+
+
+@pytest.fixture(scope="module", params=["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl"])
+def vlm(request):
+    return vlmscope.load(request.param, device="cpu")
+
+
+def test_greedy_matches_stock_generate(vlm, images):
+    for image, prompt in zip(images, PROMPTS):
+        result = vlm.generate(image, prompt, max_new_tokens=12)
+        ref, out = stock_generate(vlm, image, prompt, max_new_tokens=12)
+        assert result.token_ids == strip_pad(ref, vlm.adapter.tokenizer.pad_token_id)
+        # Scores: log-softmax of stock's per-step logits at the chosen token.
+        ref_scores = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, ref)]
+        assert result.scores == pytest.approx(ref_scores[: len(result.scores)], abs=1e-4)
+
+
+def test_greedy_is_not_degenerate(vlm, images):
+    result = vlm.generate(images[0], PROMPTS[0], max_new_tokens=12)
+    assert len(set(result.token_ids)) > 1
+
+
+def test_beam_matches_stock_beam_search(vlm, images):
+    for image, prompt in zip(images, PROMPTS):
+        result = vlm.generate(image, prompt, max_new_tokens=10, decoding="beam:num_beams=3")
+        ref, out = stock_generate(vlm, image, prompt, max_new_tokens=10, num_beams=3)
+        assert result.token_ids == strip_pad(ref, vlm.adapter.tokenizer.pad_token_id)
+        assert result.sequence_score == pytest.approx(out.sequences_scores[0].item(), abs=1e-4)
+
+
+def test_batch_equals_each_alone(vlm, images):
+    batch = vlm.generate(images, PROMPTS, max_new_tokens=8)
+    alone = [vlm.generate(im, p, max_new_tokens=8) for im, p in zip(images, PROMPTS)]
+    assert [r.token_ids for r in batch] == [r.token_ids for r in alone]
+    for a, b in zip(batch, alone):
+        assert a.scores == pytest.approx(b.scores, abs=1e-4)
+        assert a.prompt_ids == b.prompt_ids
+
+
+def test_beam_batch_equals_each_alone(tiny_llava, images):
+    batch = tiny_llava.generate(images, PROMPTS, max_new_tokens=8, decoding={"name": "beam", "num_beams": 2})
+    alone = [tiny_llava.generate(im, p, max_new_tokens=8, decoding="beam:num_beams=2")
+             for im, p in zip(images, PROMPTS)]
+    assert [r.token_ids for r in batch] == [r.token_ids for r in alone]
+
+
+def test_eos_ends_generation(tiny_llava, images):
+    """Force EOS as the most likely token: generation stops after it, as stock generate does."""
+    eos = tiny_llava.adapter.tokenizer.eos_token_id
+    head = tiny_llava.model.get_output_embeddings().weight
+    baseline = tiny_llava.generate(images[0], PROMPTS[0], max_new_tokens=6)
+    saved = head[eos].clone()
+    try:
+        with torch.no_grad():
+            # EOS now scores 1.5x the baseline's second token: it wins by step 1 at the latest.
+            head[eos] = 1.5 * head[baseline.token_ids[1]]
+        result = tiny_llava.generate(images[0], PROMPTS[0], max_new_tokens=6)
+        ref, _ = stock_generate(tiny_llava, images[0], PROMPTS[0], max_new_tokens=6)
+    finally:
+        with torch.no_grad():
+            head[eos] = saved
+    assert result.token_ids[-1] == eos and len(result.token_ids) <= 2
+    assert result.token_ids == strip_pad(ref, tiny_llava.adapter.tokenizer.pad_token_id)
+
+
+def test_result_fields(tiny_llava, images):
+    result = tiny_llava.generate(images[0], PROMPTS[0], max_new_tokens=5)
+    assert result.image_tokens == 16
+    assert len(result.scores) == len(result.token_ids)
+    assert result.prompt_ids[0] == tiny_llava.adapter.tokenizer.bos_token_id
+    assert result.text == tiny_llava.adapter.tokenizer.decode(result.token_ids, skip_special_tokens=True).strip()
+
+
+def test_sampling_is_seeded(tiny_llava, images):
+    a = tiny_llava.generate(images[0], PROMPTS[0], max_new_tokens=8, decoding="sample:seed=3,temperature=2")
+    b = tiny_llava.generate(images[0], PROMPTS[0], max_new_tokens=8, decoding="sample:seed=3,temperature=2")
+    assert a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt=""), "empty prompt"),
+        (dict(image=None), "no image"),
+        (dict(image="/nonexistent/image.png"), "not found"),
+        (dict(decoding="beam:num_beam=2"), "no parameter"),
+        (dict(decoding="nucleus"), "unknown decoding"),
+        (dict(interventions="nothing-like-this"), "unknown intervention"),
+    ],
+)
+def test_bad_input_errors(tiny_llava, images, kwargs, message):
+    args = dict(image=images[0], prompt="describe this image .")
+    args.update(kwargs)
+    with pytest.raises(InputError, match=message):
+        tiny_llava.generate(args.pop("image"), args.pop("prompt"), max_new_tokens=2, **args)
+
+
+def test_corrupt_image(tiny_llava, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(InputError, match="corrupt"):
+        tiny_llava.generate(str(bad), "describe this image .", max_new_tokens=2)
+
+
+def test_unsupported_model_lists_families(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="llava"):
+        vlmscope.load(str(tmp_path))
+
+
+def test_layer_and_head_range_checks(tiny_llava):
+    assert tiny_llava.adapter.check_layer(-1) == 3
+    with pytest.raises(InputError, match="0..3"):
+        tiny_llava.adapter.check_layer(4)
+    with pytest.raises(InputError, match="0..3"):
+        tiny_llava.adapter.check_head(7)

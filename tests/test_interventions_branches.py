@@ -1,0 +1,227 @@
+"""Branch-owning interventions (VCD, PAI's CFG), beam search composition and batch invariance.
+
+Oracles: full stock forwards (no cache) over prompt + generated history for every beam row after reorders, the
+VCD diffusion schedule computed in numpy, unsteered beam search for identity settings, single-input runs for
+batches.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmscope.api import VLM
+from vlmscope.decoding.session import GenerationRun
+from vlmscope.interventions import INTERVENTIONS
+from vlmscope.interventions.vcd import add_diffusion_noise, diffusion_coefficients, noised_model_inputs
+from vlmscope.models.tiny import build_tiny
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPTS = ["describe this image .", "what is in the image ? is there a cat on the table ?"]
+
+
+def _image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8))
+
+
+IMAGES = [_image(0), _image(1)]
+
+
+@pytest.fixture(scope="module")
+def vlm() -> VLM:
+    model, processor = build_tiny("llava")
+    return VLM(model, processor, "tiny-llava")
+
+
+def _generate(vlm, spec=None, images=IMAGES, prompts=PROMPTS, n=6, decoding="greedy"):
+    return vlm.generate(list(images), list(prompts), max_new_tokens=n, decoding=decoding, interventions=spec)
+
+
+# --- VCD noise ------------------------------------------------------------------------------------------------------
+
+
+def test_diffusion_schedule_matches_numpy():
+    betas = 1.0 / (1.0 + np.exp(-np.linspace(-6, 6, 1000))) * (5e-3 - 1e-5) + 1e-5
+    alpha_bar = np.cumprod(1.0 - betas)
+    for step in (0, 500, 999):
+        keep, noise = diffusion_coefficients(step)
+        assert keep == pytest.approx(np.sqrt(alpha_bar[step]), abs=1e-9)
+        assert noise == pytest.approx(np.sqrt(1 - alpha_bar[step]), abs=1e-9)
+    assert diffusion_coefficients(500) == pytest.approx((0.863, 0.505), abs=1e-3)  # peers.md
+    assert diffusion_coefficients(999) == pytest.approx((0.285, 0.959), abs=1e-3)
+
+
+def test_noise_is_seeded_per_input():
+    pixels = torch.randn(2, 3, 8, 8)
+    noised = noised_model_inputs({"pixel_values": pixels}, 500, seed=3)["pixel_values"]
+    keep, scale = diffusion_coefficients(500)
+    eps = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(3))
+    for row in range(2):  # every input gets the seed's noise, whatever the batch around it
+        torch.testing.assert_close(noised[row], keep * pixels[row] + scale * eps)
+        torch.testing.assert_close(noised[row], add_diffusion_noise(pixels[row], 500, 3))
+    assert not torch.equal(add_diffusion_noise(pixels[0], 500, 4), noised[0])
+
+
+# --- branches follow beam reorders ------------------------------------------------------------------------------------
+
+# One input expanded to 3 beams, histories made different by distinct tokens and shuffled by reorders.
+_STEPS = [(None, [5, 6, 7]), ([2, 0, 2], [8, 9, 10]), ([1, 2, 0], [11, 12, 13])]
+
+
+def _drive(vlm, batch, intervention):
+    """Run the beam-style schedule; return the processed logits after the last step and the row histories."""
+    with torch.no_grad(), GenerationRun(vlm.model, vlm.adapter, batch, [intervention]) as run:
+        run.expand(3)
+        run.prefill()
+        histories = [[] for _ in range(3)]
+        logits = None
+        for order, tokens in _STEPS:
+            if order is not None:
+                run.reorder(torch.tensor(order))
+                histories = [list(histories[i]) for i in order]
+            for row, tok in enumerate(tokens):
+                histories[row].append(tok)
+            logits = run.advance(torch.tensor(tokens))
+    return logits, histories
+
+
+def _stock_last_logits(vlm, input_ids, attention_mask, histories, model_inputs=None):
+    """Full (uncached) stock forwards of prompt + each row's history; [rows, V] fp32."""
+    rows = []
+    for row, history in enumerate(histories):
+        ids = torch.cat([input_ids[row:row + 1], torch.tensor([history])], dim=1)
+        mask = torch.cat([attention_mask[row:row + 1], torch.ones(1, len(history), dtype=attention_mask.dtype)],
+                         dim=1)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        extra = {k: v[row:row + 1] for k, v in (model_inputs or {}).items()}
+        with torch.no_grad():
+            out = vlm.model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra)
+        rows.append(out.logits[0, -1].float())
+    return torch.stack(rows)
+
+
+def _assert_same_scores(got, want):
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], atol=2e-4, rtol=0)
+
+
+def test_vcd_branch_follows_beam_reorders(vlm):
+    batch = vlm.encode(IMAGES[:1], PROMPTS[:1])
+    alpha, beta = 1.0, 0.1
+    got, histories = _drive(vlm, batch, INTERVENTIONS.parse(f"vcd:alpha={alpha},beta={beta},noise_seed=7"))
+    ids, mask = batch.input_ids.expand(3, -1), batch.attention_mask.expand(3, -1)
+    clean = {"pixel_values": batch.model_inputs["pixel_values"].expand(3, -1, -1, -1)}
+    noised = noised_model_inputs(clean, 500, 7)
+    clean_logits = _stock_last_logits(vlm, ids, mask, histories, clean)
+    noised_logits = _stock_last_logits(vlm, ids, mask, histories, noised)
+    want = (1 + alpha) * clean_logits - alpha * noised_logits
+    cutoff = np.log(beta) + clean_logits.max(dim=-1, keepdim=True).values
+    want = want.masked_fill(clean_logits < cutoff, float("-inf"))
+    _assert_same_scores(got, want)
+
+
+def _cfg_expected(vlm, batch, histories, gamma):
+    ids, mask = batch.input_ids.expand(3, -1), batch.attention_mask.expand(3, -1)
+    cond = _stock_last_logits(vlm, ids, mask, histories,
+                              {"pixel_values": batch.model_inputs["pixel_values"].expand(3, -1, -1, -1)})
+    text_ids, text_mask = vlm.adapter.encode_text_only(PROMPTS[:1])
+    assert text_ids.shape[1] == ids.shape[1] - 16 and int(text_ids[0, 0]) == int(ids[0, 0])  # BOS, no image
+    uncond = _stock_last_logits(vlm, text_ids.expand(3, -1), text_mask.expand(3, -1), histories)
+    s, u = torch.log_softmax(cond, -1), torch.log_softmax(uncond, -1)
+    want = gamma * (s - u) + u
+    return want.masked_fill(s < np.log(0.1) + s.max(dim=-1, keepdim=True).values, float("-inf"))
+
+
+def test_pai_cfg_branch_follows_beam_reorders(vlm):
+    batch = vlm.encode(IMAGES[:1], PROMPTS[:1])
+    got, histories = _drive(vlm, batch, INTERVENTIONS.parse("pai:alpha=0,cfg=true,gamma=2"))
+    want = _cfg_expected(vlm, batch, histories, 2.0)
+    _assert_same_scores(torch.log_softmax(got, -1), torch.log_softmax(want, -1))
+    # The reference's unreordered unconditional cache mixes the beams' histories.
+    quirk, _ = _drive(vlm, batch, INTERVENTIONS.parse("pai:alpha=0,cfg=true,gamma=2,cfg_reorder_uncond_cache=false"))
+    finite = torch.isfinite(want) & torch.isfinite(quirk)
+    assert (quirk[finite] - got[finite]).abs().max() > 1e-3
+
+
+def test_pai_cfg_prefill_is_unboosted_by_default(vlm):
+    batch = vlm.encode(IMAGES[:1], PROMPTS[:1])
+
+    def first_two(spec):
+        with torch.no_grad(), GenerationRun(vlm.model, vlm.adapter, batch, [INTERVENTIONS.parse(spec)]) as run:
+            return run.prefill(), run.advance(torch.tensor([5]))
+
+    base = "cfg=true,gamma=2,start=0"
+    faithful = first_two(f"pai:alpha=2,{base}")
+    unboosted = first_two(f"pai:alpha=0,{base}")
+    boosted_prefill = first_two(f"pai:alpha=2,{base},skip_prefill_with_cfg=false")
+    torch.testing.assert_close(faithful[0], unboosted[0], atol=1e-5, rtol=0)  # reference quirk (PAI#22)
+    finite = torch.isfinite(faithful[0]) & torch.isfinite(boosted_prefill[0])
+    assert (faithful[0][finite] - boosted_prefill[0][finite]).abs().max() > 1e-3
+    finite = torch.isfinite(faithful[1]) & torch.isfinite(unboosted[1])
+    assert (faithful[1][finite] - unboosted[1][finite]).abs().max() > 1e-3
+
+
+# --- identity settings and beam search --------------------------------------------------------------------------------
+
+
+def test_vcd_alpha0_greedy_keeps_tokens(vlm):
+    plain = _generate(vlm)
+    steered = _generate(vlm, "vcd:alpha=0")
+    assert [r.token_ids for r in steered] == [r.token_ids for r in plain]
+    assert [r.token_ids for r in _generate(vlm, "vcd")] != [r.token_ids for r in plain]
+
+
+BEAM = "beam:num_beams=3"
+
+
+@pytest.fixture(scope="module")
+def plain_beam(vlm):
+    return _generate(vlm, decoding=BEAM)
+
+
+@pytest.mark.parametrize("spec", ["pai:alpha=0", "aai:alpha=0", "truncate:layer=99", "fastv:ratio=0",
+                                  "vcd:alpha=0,beta=0", "pai:alpha=0,cfg=true,gamma=1"])
+def test_identity_settings_equal_plain_beam_search(vlm, plain_beam, spec):
+    steered = _generate(vlm, spec, decoding=BEAM)
+    for got, want in zip(steered, plain_beam):
+        assert got.token_ids == want.token_ids
+        assert got.sequence_score == pytest.approx(want.sequence_score, abs=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["pai:start=0,alpha=1", "aai:alpha=1,warmup_steps=1", "truncate:layer=1",
+                                  "truncate:layer=2,keep=4", "fastv:k=1", "fastv:k=1,mode=mask", "vcd",
+                                  "pai:cfg=true,gamma=2"])
+def test_every_method_runs_under_beam_search(vlm, plain_beam, spec):
+    steered = _generate(vlm, spec, decoding=BEAM)
+    assert len(steered) == 2
+    for result in steered:
+        assert 0 < len(result.token_ids) <= 6 and len(result.scores) == len(result.token_ids)
+        assert all(np.isfinite(result.scores))
+
+
+def test_vcd_with_sampling_is_reproducible(vlm):
+    spec, decoding = "vcd", "sample:seed=3"
+    first, second = _generate(vlm, spec, decoding=decoding), _generate(vlm, spec, decoding=decoding)
+    assert [r.token_ids for r in first] == [r.token_ids for r in second]
+
+
+# --- a batch equals its inputs run alone ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["pai:start=0,alpha=1", "aai:alpha=1,warmup_steps=1", "truncate:layer=1",
+                                  "truncate:layer=2,keep=4", "fastv:k=1,rank_per_row=true",
+                                  "fastv:k=1,mode=mask,rank_per_row=true", "vcd", "pai:cfg=true,gamma=2"])
+def test_batch_equals_inputs_alone(vlm, spec):
+    batch = _generate(vlm, spec)
+    for row in range(2):
+        alone = _generate(vlm, spec, [IMAGES[row]], [PROMPTS[row]])[0]
+        assert batch[row].token_ids == alone.token_ids
+        np.testing.assert_allclose(batch[row].scores, alone.scores, atol=2e-4)
+        assert batch[row].image_tokens == alone.image_tokens
