@@ -1,104 +1,195 @@
-"""The committed shapes model: loads offline with stock Auto classes and really sees (held-out scenes)."""
+"""The committed shapes model: loads offline with stock classes and through `vlmscope.load`, sees (held-out
+quality), its localization heads point at the objects, and the CLI commands built on it work."""
 
 from __future__ import annotations
 
+import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
+from vlmscope.shapes import MODEL_DIR
 from vlmscope.shapes.build import CHAT_TEMPLATE, build_processor, build_tokenizer
 from vlmscope.shapes.evaluate import (
-    build_prompt,
-    default_model_dir,
-    evaluate_answers,
-    evaluate_captions,
-    generate,
-    generate_scenes,
-    pope_set,
+    CAPTION_TOKENS,
+    evaluate,
+    heldout_scenes,
+    object_token_maps,
+    pointing_game,
 )
 from vlmscope.shapes.train import Encoder, pixel_values
-from vlmscope.shapes.world import DEFAULT_CAPTION_PROMPT
+from vlmscope.shapes.world import DEFAULT_CAPTION_PROMPT, existence_question
 
-MODEL_DIR = default_model_dir()
-# Scenes from a seed the committed metrics were not measured on.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Scenes from seeds the shipped metrics were not measured on (the README's figures use seed 1).
 TEST_SEED = 2024
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def model_and_processor():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def stock():
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    model = AutoModelForImageTextToText.from_pretrained(str(MODEL_DIR), local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(str(MODEL_DIR), local_files_only=True).eval()
     processor = AutoProcessor.from_pretrained(str(MODEL_DIR), local_files_only=True)
-    model.eval()
     return model, processor
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    import vlmscope
+
+    return vlmscope.load("shapes", device="cpu")
 
 
 def test_files_and_size():
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "processor_config.json", "chat_template.jinja", "generation_config.json", "TRAINING.md"):  # fmt: skip
+                 "processor_config.json", "chat_template.jinja", "generation_config.json", "TRAINING.md",
+                 "training_run.json"):  # fmt: skip
         assert (MODEL_DIR / name).is_file(), name
     total = sum(p.stat().st_size for p in MODEL_DIR.iterdir() if p.is_file())
     assert total <= 20 * 1024 * 1024
 
 
-def test_stock_classes_and_format(model_and_processor):
-    model, processor = model_and_processor
+def test_builtin_name():
+    from vlmscope.models.loading import builtin_names
+
+    assert "shapes" in builtin_names()
+
+
+def test_stock_classes_and_format(stock):
+    model, processor = stock
     assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert type(model.model.vision_tower).__name__ == "CLIPVisionModel"
+    assert type(model.model.language_model).__name__ == "LlamaModel"
     assert type(processor).__name__ == "LlavaProcessor"
-    assert type(processor.image_processor).__name__ == "CLIPImageProcessorPil"
     assert processor.tokenizer.padding_side == "left"
     assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>")
-    assert model.config.text_config.vocab_size >= len(processor.tokenizer)
-    assert processor.patch_size == model.config.vision_config.patch_size
-    text = build_prompt(processor, "Describe the image.")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert text == "USER: <image>\nDescribe the image. ASSISTANT:"
-    scene = generate_scenes(1, TEST_SEED)[0]
+    scene = heldout_scenes(1, TEST_SEED)[0]
     batch = processor(images=[scene.image()], text=[text], return_tensors="pt")
     n_img = int((batch["input_ids"] == model.config.image_token_id).sum())
-    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    assert n_img == grid * grid == model.config.image_seq_length
+    assert n_img == model.config.image_seq_length == 64
     # The training script's shortcuts agree with the processor.
     assert torch.equal(batch["pixel_values"], pixel_values([scene]))
     enc = Encoder(processor.tokenizer)
     assert batch["input_ids"][0].tolist() == enc.prefix + enc.ids("Describe the image. ASSISTANT:")
-
-
-def test_built_processor_matches_committed(model_and_processor):
-    _, processor = model_and_processor
+    # The processor shipped is the one `build` makes.
     assert processor.tokenizer.get_vocab() == build_tokenizer().get_vocab()
     assert processor.chat_template == CHAT_TEMPLATE == build_processor().chat_template
-    tok = processor.tokenizer
-    ids = tok("A red circle, a blue square and an orange star.")["input_ids"]
-    assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
-    assert tok.decode(ids, skip_special_tokens=True) == "a red circle , a blue square and an orange star ."
 
 
-def test_heldout_quality(model_and_processor):
-    model, processor = model_and_processor
-    scenes = generate_scenes(30, TEST_SEED)
-    images = [s.image() for s in scenes]
-    captions = generate(model, processor, images, [DEFAULT_CAPTION_PROMPT] * len(scenes))
-    cap = evaluate_captions(captions, scenes)
-    assert cap["object_recall"] >= 0.9, (cap, captions)
-    assert cap["object_precision"] >= 0.8, cap
-    qs = pope_set(scenes, "adversarial", TEST_SEED) + pope_set(scenes, "random", TEST_SEED)
-    answers = generate(model, processor, [images[i] for i, _ in qs], [q.text for _, q in qs], max_new_tokens=3)
-    pope = evaluate_answers(answers, [bool(q.label) for _, q in qs])
-    assert pope["accuracy"] >= 0.9, pope
-    assert pope["unparseable"] == 0
+def test_vlmscope_greedy_matches_stock_generate(stock, vlm):
+    model, processor = stock
+    scenes = heldout_scenes(3, TEST_SEED + 1)
+    ours = vlm.generate([s.image() for s in scenes], [DEFAULT_CAPTION_PROMPT] * 3, max_new_tokens=CAPTION_TOKENS)
+    text = vlm.adapter.render_prompt(DEFAULT_CAPTION_PROMPT)
+    for scene, result in zip(scenes, ours):
+        batch = processor(images=[scene.image()], text=[text], return_tensors="pt")
+        with torch.no_grad():
+            seq = model.generate(**batch, do_sample=False)  # the saved generation config suffices
+        new = seq[0, batch["input_ids"].shape[1]:].tolist()
+        assert result.token_ids == new
+        assert new[-1] == processor.tokenizer.eos_token_id and result.text.endswith(".")
 
 
-def test_answers_end_with_eos(model_and_processor):
-    model, processor = model_and_processor
-    scene = generate_scenes(1, TEST_SEED + 1)[0]
-    text = build_prompt(processor, DEFAULT_CAPTION_PROMPT)
-    batch = processor(images=[scene.image()], text=[text], return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**batch, do_sample=False)  # the saved generation config suffices
-    new = out[0, batch["input_ids"].shape[1] :].tolist()
-    assert processor.tokenizer.eos_token_id in new
-    assert processor.tokenizer.decode(new, skip_special_tokens=True).strip().endswith(".")
+def test_heldout_quality(vlm):
+    # The shipped figures (README) are on 200 scenes; here 30 fresh ones, with a small margin.
+    m = evaluate(vlm, n=30, seed=TEST_SEED)
+    assert m["object_recall"] >= 88.0, m
+    assert m["pope_accuracy"] >= 88.0, m
+
+
+def test_cooccurrence_hallucination_is_there(vlm):
+    # Scenes with a star and no moon: the world's bias makes the model name a moon that is not there now
+    # and then. CHAIR_I must not be zero, or there is nothing for the steering methods to fix.
+    scenes = [s for s in heldout_scenes(400, 7) if "star" in s.categories and "moon" not in s.categories][:40]
+    results = vlm.generate([s.image() for s in scenes], [DEFAULT_CAPTION_PROMPT] * len(scenes),
+                           max_new_tokens=CAPTION_TOKENS)
+    assert any("moon" in r.text for r in results)
+
+
+def _best_localization_head(vlm, scenes):
+    from vlmscope.explain.heads import rank_heads
+
+    ranking = rank_heads(vlm, [s.image() for s in scenes], DEFAULT_CAPTION_PROMPT, top_k=3)
+    return ranking.heads(3)
+
+
+def test_pointing_game(vlm):
+    heads = _best_localization_head(vlm, heldout_scenes(8, 11))
+    assert heads, "no localization head found"
+    game = pointing_game(vlm, heldout_scenes(20, 12), heads[:1])
+    assert game["n"] >= 40
+    assert game["best_rate"] >= 0.7, game
+
+
+def test_object_maps_match_stock_eager_attention(stock, vlm):
+    # Independent oracle: the maps the pointing game reads equal stock eager attention probabilities.
+    model, processor = stock
+    scene = heldout_scenes(1, 13)[0]
+    layer_heads = [(layer, head) for layer in range(vlm.adapter.num_layers) for head in (0, 1)]
+    maps = object_token_maps(vlm, scene, layer_heads)
+    model.set_attn_implementation("eager")
+    try:
+        for o in scene.objects:
+            text = vlm.adapter.render_prompt(existence_question(o.category))
+            batch = processor(images=[scene.image()], text=[text], return_tensors="pt")
+            with torch.no_grad():
+                att = model(**batch, output_attentions=True).attentions
+            ids = batch["input_ids"][0]
+            pos = int((ids == processor.tokenizer.convert_tokens_to_ids(o.category)).nonzero()[-1])
+            image_cols = (ids == model.config.image_token_id).nonzero().flatten()
+            for k, (layer, head) in enumerate(layer_heads):
+                expected = att[layer][0, head, pos, image_cols].reshape(8, 8).numpy()
+                np.testing.assert_allclose(maps[o.category][k], expected, atol=1e-5)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_shapes_eval_cli_json(capsys):
+    from vlmscope.cli import main
+
+    assert main(["shapes-eval", "--n", "3", "--seed", "5", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    metrics = json.loads(lines[-1])
+    for key in ("object_recall", "pope_accuracy", "CHAIR_S", "CHAIR_I"):
+        assert 0.0 <= metrics[key] <= 100.0
+    assert any(line.startswith("scene 0:") for line in lines)
+
+
+@pytest.mark.parametrize("argv", [["--n", "0"], ["--n", "2", "--decoding", "nosuch"],
+                                  ["--n", "2", "--intervention", "pai:alpha=oops"]])
+def test_shapes_eval_cli_bad_input(capsys, argv):
+    from vlmscope.cli import main
+
+    assert main(["shapes-eval", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ")
+
+
+def test_demo_on_shapes(tmp_path):
+    from vlmscope.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--n", "3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "shapes"
+    assert {"greedy", "beam", "pai", "aai"} <= set(report["captions"]) == set(report["metrics"])
+    page = (out / "report.html").read_text()
+    figures = report["figures"] + report["heads"]["figures"]
+    assert any("heads" in f for f in figures) and any("flow" in f for f in figures)
+    for figure in figures:
+        assert figure in page and (out / figure).is_file()
+    assert report["heads"]["ranking"] and "pointing" in report["heads"]

@@ -7,17 +7,22 @@ import random
 import numpy as np
 import pytest
 
+from vlmscope.eval.chair import chair_scores
+from vlmscope.eval.pope import pope_scores
 from vlmscope.shapes.evaluate import (
-    evaluate_answers,
-    evaluate_captions,
-    generate_scenes,
+    chair_of,
+    chair_vocabulary,
+    heldout_scenes,
     mentioned_objects,
-    parse_yes_no,
+    pope_question_set,
 )
 from vlmscope.shapes.vocab import CATEGORIES, COLOURS, SPECIAL_TOKENS, vocabulary, word_to_category
 from vlmscope.shapes.world import (
     DEFAULT_WORLD,
+    Scene,
+    ShapeObject,
     caption,
+    existence_question,
     patch_labels,
     pope_questions,
     render_scene,
@@ -39,7 +44,7 @@ def test_seeded_reproducibility():
     assert sample_scenes(20, seed=4) != a
     # Splits are distinct streams.
     assert sample_scenes(20, seed=3, split="train") != a
-    assert generate_scenes(5, 3) == a[:5]
+    assert heldout_scenes(5, 3) == a[:5]
 
 
 def test_images_and_boxes(scenes):
@@ -97,8 +102,8 @@ def test_caption_names_exactly_the_objects(scenes):
         # Left to right.
         xs = [sc.get(c).box_center[0] for c, _ in named]
         assert xs == sorted(xs)
-    m = evaluate_captions([caption(sc) for sc in scenes], scenes)
-    assert m["object_recall"] == 1.0 and m["chair_i"] == 0.0 and m["chair_s"] == 0.0 and m["name_recall"] == 1.0
+    m = chair_of([caption(sc) for sc in scenes], scenes).metrics
+    assert m["Recall"] == 100.0 and m["CHAIR_I"] == 0.0 and m["CHAIR_S"] == 0.0 and m["Precision"] == 100.0
 
 
 @pytest.mark.parametrize("strategy", ["random", "popular", "adversarial"])
@@ -170,17 +175,56 @@ def test_vocabulary_covers_the_text(scenes):
                     assert w in vocab, w
 
 
-def test_answer_metrics():
-    assert parse_yes_no("Yes .") is True and parse_yes_no("no") is False and parse_yes_no("maybe") is None
-    m = evaluate_answers(["yes .", "no .", "yes .", "blue ."], [True, False, False, True])
-    assert m["accuracy"] == 0.5 and m["unparseable"] == 1 and m["precision"] == 0.5
+def _obj(category: str, colour: str, x: int, y: int) -> ShapeObject:
+    return ShapeObject(category, colour, (x - 8, y - 8, x + 8, y + 8), 1.0, (float(x), float(y)), 16.0, 0.0)
 
 
-def test_caption_metrics_count_hallucinations(scenes):
-    sc = scenes[0]
-    absent = next(c for c in CATEGORIES if c not in sc.categories)
-    cap = caption(sc)[:-2] + f" and a red {absent} ."
-    m = evaluate_captions([cap], [sc])
-    assert m["chair_s"] == 1.0
-    assert m["chair_i"] == pytest.approx(1 / (len(sc.objects) + 1))
-    assert m["object_recall"] == 1.0
+HAND_SCENES = [
+    Scene((_obj("circle", "red", 16, 32), _obj("square", "blue", 48, 32)), (), (220, 220, 220), 1),
+    Scene((_obj("star", "green", 32, 32),), (), (220, 220, 220), 2),
+    Scene((_obj("heart", "red", 12, 12), _obj("diamond", "blue", 32, 40), _obj("cross", "orange", 52, 12)), (),
+          (220, 220, 220), 3),
+]
+
+
+def test_chair_of_the_eval_package_on_a_hand_computed_case():
+    captions = [
+        "a red circle , a blue square and a yellow moon .",  # 3 mentions, moon hallucinated
+        "a green star .",  # 1 mention, correct
+        "a red heart and two stars .",  # heart correct, stars (-> star) hallucinated; diamond, cross missed
+    ]
+    result = chair_of(captions, HAND_SCENES)
+    # By hand: CHAIR_S = 2/3 captions; CHAIR_I = 2 hallucinated / 6 mentions; Recall = (2 + 1 + 1) / (2 + 1 + 3).
+    assert result.metrics["CHAIR_S"] == pytest.approx(100 * 2 / 3)
+    assert result.metrics["CHAIR_I"] == pytest.approx(100 * 2 / 6)
+    assert result.metrics["Recall"] == pytest.approx(100 * 4 / 6)
+    assert [r["mscoco_hallucinated_words"] for r in result.per_caption] == [[["moon", "moon"]], [], [["star", "star"]]]  # lemmatised
+    assert result.counts["mentions"] == 6
+    # The wrapper is the package's code, unchanged: the same call by hand gives the same result.
+    direct = chair_scores([{"image_id": i, "caption": c} for i, c in enumerate(captions)],
+                          {i: s.categories for i, s in enumerate(HAND_SCENES)}, vocabulary=chair_vocabulary())
+    assert direct.metrics == result.metrics
+
+
+def test_pope_of_the_eval_package_on_the_world_ground_truth():
+    questions = pope_question_set(HAND_SCENES, seed=0)
+    assert len(questions) == 3 * 2 * len(HAND_SCENES)  # 3 splits x (yes, no) x scenes
+    for q in questions:
+        scene = HAND_SCENES[int(q["image"])]
+        assert (q["label"] == "yes") == (q["object"] in scene.categories)
+        assert q["text"] == existence_question(q["object"])  # the question the model was trained on
+    all_yes = pope_scores(["yes ."] * len(questions), questions)
+    assert all_yes["mean"]["Accuracy"] == 50.0 and all_yes["mean"]["Yes_ratio"] == 100.0
+    right = pope_scores([q["label"] + " ." for q in questions], questions)
+    assert right["mean"]["Accuracy"] == 100.0
+    # One wrong "no" on a positive of the random split: accuracy 5/6 there, recall 2/3.
+    answers = [q["label"] + " ." for q in questions]
+    first_yes = next(i for i, q in enumerate(questions) if q["split"] == "random" and q["label"] == "yes")
+    answers[first_yes] = "no ."
+    split = pope_scores(answers, questions)["splits"]["random"]
+    assert split["Accuracy"] == pytest.approx(100 * 5 / 6) and split["Recall"] == pytest.approx(100 * 2 / 3)
+
+
+def test_caption_colours_are_read():
+    assert mentioned_objects("a red circle , a square and a blue moon .") == [
+        ("circle", "red"), ("square", None), ("moon", "blue")]

@@ -4,7 +4,9 @@
   ground truth, captions and POPE-style questions.
 - `vocab`: the closed vocabulary and the CHAIR synonym map.
 - `build`: tokenizer, processor, config of the model (stock transformers classes).
-- `train`: the seeded CPU training script. `evaluate`: held-out recall, CHAIR, POPE, pointing game.
+- `train`: the seeded CPU training script. `evaluate`: held-out recall, CHAIR, POPE (the evaluation
+  package's code on the world's ground truth), pointing game.
+- `demo_world()`: what `vlmscope demo` needs to run on this world.
 
 The trained model lives in `vlmscope/data/models/shapes/` (`MODEL_DIR`) and loads offline with
 `AutoModelForImageTextToText.from_pretrained(MODEL_DIR)` and `AutoProcessor.from_pretrained(MODEL_DIR)`.
@@ -13,6 +15,7 @@ The trained model lives in `vlmscope/data/models/shapes/` (`MODEL_DIR`) and load
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from vlmscope.shapes.world import (
     DEFAULT_CAPTION_PROMPT,
@@ -33,6 +36,7 @@ MODEL_DIR: Path = Path(__file__).resolve().parent.parent / "data" / "models" / "
 
 __all__ = [
     "MODEL_DIR",
+    "demo_world",
     "DEFAULT_CAPTION_PROMPT",
     "DEFAULT_WORLD",
     "Question",
@@ -46,3 +50,36 @@ __all__ = [
     "sample_scene",
     "sample_scenes",
 ]
+
+
+def demo_world() -> dict[str, Any]:
+    """The shapes world as `vlmscope demo` uses it.
+
+    Keys: `scenes(n, seed) -> list[Scene]` (held-out stream), `render(scene) -> PIL.Image`, `prompt` (the
+    caption prompt), `max_new_tokens`, `evaluate(vlm, n, seed, decoding, interventions, **kw) -> dict`
+    (percentages: object_recall, pope_accuracy, CHAIR_S, CHAIR_I, ...), `explain_layer` (the decoder layer
+    whose maps the demo shows), `objects(scene) -> [(category, colour, box)]` (ground truth for figures),
+    `pointing(vlm, scenes, [(layer, head)]) -> dict` (the pointing game of `evaluate.pointing_game`).
+    """
+    from vlmscope.shapes.evaluate import CAPTION_TOKENS, evaluate, heldout_scenes, pointing_game
+
+    def render(scene: Scene) -> Any:
+        return scene.image()
+
+    def objects(scene: Scene) -> list[tuple[str, str, tuple[int, int, int, int]]]:
+        return [(o.category, o.colour, o.box) for o in scene.ordered()]
+
+    return {
+        "scenes": heldout_scenes,
+        "render": render,
+        "prompt": DEFAULT_CAPTION_PROMPT,
+        "max_new_tokens": CAPTION_TOKENS,
+        "evaluate": evaluate,
+        "explain_layer": EXPLAIN_LAYER,
+        "objects": objects,
+        "pointing": pointing_game,
+    }
+
+
+# The decoder layer holding the shipped model's localization heads (see TRAINING.md): the demo's default.
+EXPLAIN_LAYER = 2
