@@ -26,6 +26,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--model", default=None, help="model to demo (default: the embedded shapes model)")
     parser.add_argument("--n", type=int, default=100, help="scenes per method for CHAIR/POPE (shapes model)")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--world", choices=("auto", "shapes", "none"), default="auto",
+                        help="scene world with ground truth (auto: shapes for the shapes model; set shapes for a "
+                             "retrained shapes model directory)")
     parser.set_defaults(func=run)
 
 
@@ -76,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     progress = _Progress(6)
     progress(f"loading {model_name}")
     vlm = vlmscope.load(model_name, device="cpu")
-    world = _world(model_name)
+    world = _world("shapes" if args.world == "shapes" or (args.world == "auto" and model_name == "shapes")
+                   else "none")
     scenes, prompt = world["scenes"](4, args.seed), world["prompt"]
     images = [world["render"](s) for s in scenes]
     for i, image in enumerate(images):

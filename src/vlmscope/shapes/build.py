@@ -45,7 +45,7 @@ class ModelSize:
     patch_size: int = 8
     vision_hidden: int = 128
     vision_intermediate: int = 384
-    vision_layers: int = 3  # LLaVA reads layer -2, so the last vision layer is unused (as in LLaVA-1.5)
+    vision_layers: int = 3
     vision_heads: int = 4
     text_hidden: int = 192
     text_intermediate: int = 512
@@ -151,7 +151,9 @@ def build_config(tokenizer=None, size: ModelSize = DEFAULT_SIZE):
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
         image_seq_length=size.num_image_tokens,
-        vision_feature_layer=-2,
+        # LLaVA-1.5 reads layer -2; a 3-layer tower from scratch needs all its layers (the last one would be
+        # computed and never used).
+        vision_feature_layer=-1,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )

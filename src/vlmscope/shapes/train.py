@@ -7,7 +7,11 @@ images once and asks several questions about each image: the decoder runs the sh
 ("<s> USER: <image>x64") once, its key/value cache is repeated for every question, and only the question
 and answer tokens are run per question. That is exactly the computation of the full sequences (causal
 attention: the prefix never sees what follows it), at a fraction of the cost, which is what makes a
-from-scratch model that sees fit in a CPU budget. The loss is cross-entropy on the answer tokens only.
+from-scratch model that sees fit in a CPU budget. The loss is cross-entropy on the answer tokens, plus
+training-only auxiliary losses: patch labels on the image tokens, a probe of the named object's state, and a
+pointer loss that teaches one decoder head (`POINTER_LAYER`, `POINTER_HEAD`) to attend from the words about an
+object to that object's patches (grounding supervision; without it a 2-core CPU budget ends with a model that
+answers "yes" to every existence question).
 
 The run is a fixed number of steps (deterministic); `--minutes` is only a safety cap that stops early.
 """
@@ -67,17 +71,36 @@ class Encoder:
 
     def suffix(self, q: Question) -> tuple[list[int], list[int], int]:
         """(ids, labels, probe position) of "{question} ASSISTANT: {answer}</s>". Labels are -100 except on
-        the answer; the probe position is the index of the word naming the object asked about (-1: none)."""
+        the answer; the probe position is the last prompt token of a question about an object (-1: none)."""
         prompt = self.ids(f"{q.text} ASSISTANT:")
         answer = self.ids(q.answer) + [self.tok.eos_token_id]
         ids = prompt + answer
         # labels[t] is the target predicted at position t, i.e. ids[t + 1], answer part only.
         labels = [-100] * (len(prompt) - 1) + answer + [-100]
-        pos = -1
-        if q.category is not None and q.kind != "caption":
-            cat_id = self.tok.convert_tokens_to_ids(q.category)
-            pos = max(i for i, t in enumerate(prompt) if t == cat_id)
+        # The probe reads the last prompt token, where the answer is decided.
+        pos = len(prompt) - 1 if q.category is not None and q.kind != "caption" else -1
         return ids, labels, pos
+
+    def pointer_targets(self, q: Question, ids: list[int], prompt_len: int, scene: Scene) -> list[tuple[int, int]]:
+        """(query position, target) pairs for the pointer loss: target 1 + category index = "attend to that
+        object's patches", 0 = "attend to the BOS sink" (the object asked about is absent).
+
+        Captions: the three positions that predict an object's article, colour and category (the token before
+        the article, the article, the colour word) point at that object. Questions: the word naming the object
+        asked about and the last prompt token (which predicts the answer) point at it when present, at the sink
+        when absent: then whether the object is there is plain in that head's output."""
+        cat_ids = {self.tok.convert_tokens_to_ids(c): i for i, c in enumerate(CATEGORIES)}
+        out: list[tuple[int, int]] = []
+        if q.kind == "caption":
+            for j in range(prompt_len, len(ids)):
+                if ids[j] in cat_ids:
+                    out += [(j - k, 1 + cat_ids[ids[j]]) for k in (3, 2, 1)]
+        elif q.category is not None:
+            cat = CATEGORIES.index(q.category)
+            pos = max(i for i in range(prompt_len) if ids[i] == self.tok.convert_tokens_to_ids(q.category))
+            target = 1 + cat if q.category in scene.categories else 0
+            out += [(pos, target), (prompt_len - 1, target)]
+        return out
 
 
 class Batch:
@@ -91,6 +114,10 @@ class Batch:
         self.patch_colours: torch.Tensor = tensors["patch_colours"]
         self.probe_pos: torch.Tensor = tensors["probe_pos"]
         self.probe_target: torch.Tensor = tensors["probe_target"]
+        self.pointer: torch.Tensor = tensors["pointer"]  # [M, 4]: row, query position, image index, target
+        self.copy: torch.Tensor = tensors["copy"]  # [M, 3]: row, query position, position of the object's name
+        self.is_yes_no: torch.Tensor = tensors["is_yes_no"]
+        self.yes_no_accuracy = float("nan")
 
 
 def _object_state(scene: Scene, category: str) -> int:
@@ -112,8 +139,18 @@ def make_batch(rng: random.Random, enc: Encoder, n_images: int, n_questions: int
     probe_target = torch.tensor(
         [_object_state(s, q.category) if r[2] >= 0 and q.category else -100 for (s, q), r in zip(questions, rows)]
     )
+    pointer, copy = [], []
+    for r, ((s, q), row) in enumerate(zip(questions, rows)):
+        prompt_len = len(enc.ids(f"{q.text} ASSISTANT:"))
+        pointer += [(r, pos, r // n_questions, t) for pos, t in enc.pointer_targets(q, row[0], prompt_len, s)]
+        if row[2] >= 0:  # a question about an object: its last prompt token looks up the object's name
+            cat_id = enc.tok.convert_tokens_to_ids(q.category)
+            copy.append((r, prompt_len - 1, max(i for i in range(prompt_len) if row[0][i] == cat_id)))
     dense = [patch_labels(s, DEFAULT_SIZE.grid) for s in scenes]
     return Batch(
+        pointer=torch.tensor(pointer, dtype=torch.long).reshape(-1, 4),
+        copy=torch.tensor(copy, dtype=torch.long).reshape(-1, 3),
+        is_yes_no=torch.tensor([q.label is not None for _, q in questions]),
         pixels=pixel_values(scenes),
         ids=ids,
         labels=labels,
@@ -132,11 +169,11 @@ class DenseHeads(torch.nn.Module):
     - On the decoder's hidden state after layer `probe_layer`, at the word naming the object asked about:
       is that object in the image, and in which colour. This asks the early decoder layers to fetch the
       named object from the image grid at its name, which is the first hop of every answer; without it
-      the model sits for long on a plateau where it answers yes/no from the prior. It is also what makes
-      attention from an object's word point at the object.
+      the model sits for long on a plateau where it answers yes/no from the prior.
+    (The pointer loss, `pointer_loss`, works on one attention head of the saved model itself.)
     """
 
-    def __init__(self, hidden: int, probe_layer: int = 2) -> None:
+    def __init__(self, hidden: int, probe_layer: int = 3) -> None:
         super().__init__()
         self.probe_layer = probe_layer
         self.category = torch.nn.Linear(hidden, len(CATEGORIES) + 1)
@@ -144,8 +181,19 @@ class DenseHeads(torch.nn.Module):
         self.state = torch.nn.Linear(hidden, len(COLOURS) + 1)
 
     def patch_loss(self, feats: torch.Tensor, cats: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Per patch: category and colour of the object covering it; plus per object: category and colour from
+        the mean of its patches' features (a patch on a star's edge is ambiguous, the star as a whole is not;
+        this asks every patch of an object to carry what the object is)."""
         ce = torch.nn.functional.cross_entropy
-        return ce(self.category(feats).flatten(0, 1), cats.flatten()) + ce(self.colour(feats).flatten(0, 1), cols.flatten())
+        patch = ce(self.category(feats).flatten(0, 1), cats.flatten()) + ce(self.colour(feats).flatten(0, 1), cols.flatten())
+        labels = torch.arange(1, len(CATEGORIES) + 1)
+        masks = (cats[:, None, :] == labels[None, :, None]).to(feats.dtype)  # [B, categories, patches]
+        present = masks.sum(-1) > 0
+        pooled = torch.einsum("bkn,bnd->bkd", masks, feats) / masks.sum(-1, keepdim=True).clamp(min=1)
+        colour = (cols[:, None, :] * masks.long()).amax(-1)  # every patch of an object has its colour
+        cat_target = labels[None, :].expand_as(present)
+        obj = ce(self.category(pooled[present]), cat_target[present]) + ce(self.colour(pooled[present]), colour[present])
+        return patch + obj
 
     def probe_loss(self, hidden: torch.Tensor, pos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if not bool((target >= 0).any()):
@@ -164,18 +212,64 @@ def shared_prefix_loss(
     cache = out.past_key_values
     cache.batch_repeat_interleave(repeats)
     lm_out = model.model.language_model(
-        input_ids=batch.ids, past_key_values=cache, use_cache=True, output_hidden_states=heads is not None
+        input_ids=batch.ids, past_key_values=cache, use_cache=True, output_hidden_states=heads is not None,
+        output_attentions=heads is not None,
     )
     logits = model.lm_head(lm_out.last_hidden_state)
     lm = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=-100
     )
+    with torch.no_grad():
+        # Progress signal: first-answer-token accuracy of the yes/no questions (the slowest skill to form).
+        first = (batch.labels >= 0).int().argmax(1)
+        rows = torch.arange(len(first))
+        yes_no = batch.is_yes_no
+        hit = logits[rows, first].argmax(-1) == batch.labels[rows, first]
+        batch.yes_no_accuracy = float(hit[yes_no].float().mean()) if bool(yes_no.any()) else float("nan")
     if heads is None:
         return lm, torch.zeros(())
     feats = out.image_hidden_states.reshape(n_img, -1, out.image_hidden_states.shape[-1])
     aux = heads.patch_loss(feats, batch.patch_cats, batch.patch_colours)
     aux = aux + heads.probe_loss(lm_out.hidden_states[heads.probe_layer], batch.probe_pos, batch.probe_target)
+    aux = aux + pointer_loss(lm_out.attentions[POINTER_LAYER][:, POINTER_HEAD], batch, prefix.shape[1])
+    aux = aux + copy_loss(lm_out.attentions[COPY_LAYER][:, COPY_HEAD], batch, prefix.shape[1])
     return lm, aux
+
+
+# The head taught to point: attention from the words about an object to that object's patches. It makes the
+# named-object lookup (the first hop of every answer) form early instead of after a long plateau, and it is
+# the localization head the demo shows. Layer 2 of 4, so layers 0-1 are free to work out which object a
+# caption names next, and the readout (layer 3) follows it.
+POINTER_LAYER, POINTER_HEAD = 2, 0
+
+
+# A head that, at the last prompt token of a question, attends to the word naming the object asked about.
+# Without it the model learns to find the name at a fixed offset in "What colour is the X ?" and never finds it
+# in "Is there a X in the image ?": its yes/no answers then ignore the question and stay at chance.
+COPY_LAYER, COPY_HEAD = 1, 1
+
+
+def copy_loss(attn: torch.Tensor, batch: Batch, prefix_len: int) -> torch.Tensor:
+    """-log(attention mass on the name) at the last prompt token of questions about an object."""
+    if batch.copy.numel() == 0:
+        return attn.sum() * 0.0
+    row, pos, name = batch.copy.unbind(1)
+    return -torch.log(attn[row, pos, prefix_len + name] + 1e-6).mean()
+
+
+def pointer_loss(attn: torch.Tensor, batch: Batch, prefix_len: int) -> torch.Tensor:
+    """-log(attention mass on the target) at the pointer positions. `attn`: [rows, queries, keys] of the
+    pointer head over the question/answer tokens (keys: the shared prefix, then the rows' own tokens)."""
+    if batch.pointer.numel() == 0:
+        return attn.sum() * 0.0
+    row, pos, img, target = batch.pointer.unbind(1)
+    probs = attn[row, pos]  # [M, keys]
+    n_img = batch.patch_cats.shape[1]
+    first_image = prefix_len - n_img
+    on_object = (batch.patch_cats[img] == target[:, None]).to(probs.dtype)  # [M, grid*grid]
+    mass = (probs[:, first_image:prefix_len] * on_object).sum(-1)
+    mass = torch.where(target == 0, probs[:, 0], mass)  # absent object: the BOS sink
+    return -torch.log(mass + 1e-6).mean()
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -250,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the shapes VLM from scratch (CPU, seeded).")
     ap.add_argument("--out", required=True, help="output model directory (overwritten)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vision-steps", type=int, default=2000, help="stage 1: vision tower + projector on patch labels")
+    ap.add_argument("--vision-steps", type=int, default=1200, help="stage 1: vision tower + projector on patch labels")
     ap.add_argument("--vision-images", type=int, default=32, help="stage 1 images per step")
-    ap.add_argument("--steps", type=int, default=3000, help="stage 2: whole model on questions and captions")
+    ap.add_argument("--steps", type=int, default=1200, help="stage 2: whole model on questions and captions")
     ap.add_argument("--images", type=int, default=16, help="stage 2 images per step")
     ap.add_argument("--questions", type=int, default=6, help="stage 2 questions per image per step")
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -306,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
             break
     vision_minutes = (time.time() - t0) / 60
 
-    # Stage 2: the whole model on captions and questions, keeping the probes as auxiliary losses.
+    # Stage 2: the whole model on captions and questions, keeping the probes as auxiliary losses. It reads
+    # the pointer head's attention probabilities, which only eager attention returns.
+    model.set_attn_implementation("eager")
     named = list(model.named_parameters()) + list(heads.named_parameters())
     opt = _adamw(named, args.lr, args.weight_decay)
     print(f"stage 2: {args.steps} steps x {args.images} images x {args.questions} questions", flush=True)
@@ -326,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         if step % 50 == 0 or done == args.steps:
             print(
                 f"step {done}/{args.steps} loss {lm.item():.4f} ema {ema:.4f} aux {dense.item():.4f} "
+                f"yes/no acc {batch.yes_no_accuracy:.2f} "
                 f"lr {opt.param_groups[0]['lr']:.2e} {(time.time() - t0) / 60:.1f} min",
                 flush=True,
             )
@@ -339,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     model.eval()
+    model.set_attn_implementation("sdpa")
     model.save_pretrained(out)
     processor.save_pretrained(out)
     run = {
