@@ -81,5 +81,6 @@ def demo_world() -> dict[str, Any]:
     }
 
 
-# The decoder layer holding the shipped model's localization heads (see TRAINING.md): the demo's default.
+# The decoder layer of the shipped model's pointer head (`train.POINTER_LAYER`, not imported here to keep
+# torch-free imports light): the layer whose maps the demo shows when no localization head is ranked.
 EXPLAIN_LAYER = 2
