@@ -17,6 +17,7 @@ DEMO_METHODS = [
     ("pai", "greedy", ["pai:alpha=0.5"]),
     ("aai", "greedy", ["aai:alpha=0.5"]),
 ]
+HEADS_SHOWN = 3  # localization heads drawn per scene
 
 
 def register(sub: Any) -> None:
@@ -25,6 +26,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--model", default=None, help="model to demo (default: the embedded shapes model)")
     parser.add_argument("--n", type=int, default=100, help="scenes per method for CHAIR/POPE (shapes model)")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--world", choices=("auto", "shapes", "none"), default="auto",
+                        help="scene world with ground truth (auto: shapes for the shapes model; set shapes for a "
+                             "retrained shapes model directory)")
     parser.set_defaults(func=run)
 
 
@@ -38,10 +42,32 @@ def _available(decoding: str, interventions: list[str]) -> bool:
     return all(i.split(":")[0] in INTERVENTIONS.names() for i in interventions)
 
 
+class _Progress:
+    """Numbered stage lines with the elapsed time, flushed at once (the demo is watched while it runs)."""
+
+    def __init__(self, stages: int) -> None:
+        self.stages, self.stage, self.start = stages, 0, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        self.stage += 1
+        print(f"[{self.stage}/{self.stages}] {message}  ({self.elapsed():.0f} s)", flush=True)
+
+    def detail(self, message: str) -> None:
+        print(f"      {message}  ({self.elapsed():.0f} s)", flush=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     import vlmscope
+    from vlmscope.errors import InputError
     from vlmscope.models.loading import builtin_names
 
+    if args.n < 1:
+        raise InputError(f"--n must be at least 1 (got {args.n})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_name = args.model or ("shapes" if "shapes" in builtin_names() else "tiny-llava")
@@ -50,35 +76,45 @@ def run(args: argparse.Namespace) -> int:
         note = ("The embedded shapes model is not available in this build: the demo runs on a random tiny "
                 "LLaVA, so the captions are noise; the pipeline is real.")
         print(note)
-    start = time.perf_counter()
-    print(f"[1/4] loading {model_name}")
+    progress = _Progress(6)
+    progress(f"loading {model_name}")
     vlm = vlmscope.load(model_name, device="cpu")
-    world = _world(model_name)
-    scenes, images, prompt = world["scenes"](4, args.seed), None, world["prompt"]
+    world = _world("shapes" if args.world == "shapes" or (args.world == "auto" and model_name == "shapes")
+                   else "none")
+    scenes, prompt = world["scenes"](4, args.seed), world["prompt"]
     images = [world["render"](s) for s in scenes]
     for i, image in enumerate(images):
         image.save(out / f"scene{i}.png")
+    truths = [", ".join(f"{colour} {cat}" for cat, colour, _ in world["objects"](s)) for s in scenes] \
+        if world.get("objects") else []
     methods = [(n, d, iv) for n, d, iv in DEMO_METHODS if _available(d, iv)]
-    print(f"[2/4] captions with {', '.join(n for n, *_ in methods)}")
+    progress(f"captions of {len(images)} scenes with {', '.join(n for n, *_ in methods)}")
     captions: dict[str, list[str]] = {}
-    for name, decoding, interventions in methods:
-        results = vlm.generate(images, [prompt] * len(images), max_new_tokens=world["max_new_tokens"],
-                               decoding=decoding, interventions=interventions)
-        captions[name] = [r.text for r in results]
+    with torch.no_grad():
+        for name, decoding, interventions in methods:
+            results = vlm.generate(images, [prompt] * len(images), max_new_tokens=world["max_new_tokens"],
+                                   decoding=decoding, interventions=interventions)
+            captions[name] = [r.text for r in results]
     metrics: dict[str, Any] = {}
     if world.get("evaluate") is not None:
-        print(f"[3/4] CHAIR and POPE on {args.n} scenes per method")
+        progress(f"CHAIR and POPE on {args.n} scenes per method")
         for name, decoding, interventions in methods:
             metrics[name] = world["evaluate"](vlm, args.n, args.seed + 1, decoding, interventions)
+            m = metrics[name]
+            progress.detail(f"{name}: recall {m['object_recall']:.1f}  CHAIR_S {m['CHAIR_S']:.1f}  "
+                            f"CHAIR_I {m['CHAIR_I']:.1f}  POPE acc {m['pope_accuracy']:.1f}")
     else:
-        print("[3/4] CHAIR / POPE need the shapes world: skipped")
-    print("[4/4] attention maps and information flow")
-    figures = _explain_figures(vlm, images[0], world, out)
-    report = {"model": model_name, "note": note, "prompt": prompt, "captions": captions, "metrics": metrics,
-              "figures": figures, "seconds": round(time.perf_counter() - start, 1)}
+        progress("CHAIR / POPE need the shapes world: skipped")
+    progress("localization heads")
+    heads = _localization_heads(vlm, images, scenes, world, out, progress)
+    progress("attention maps and information flow")
+    figures = _explain_figures(vlm, images[0], world, heads, out)
+    report = {"model": model_name, "note": note, "prompt": prompt, "truths": truths, "captions": captions,
+              "metrics": metrics, "heads": heads, "figures": figures,
+              "seconds": round(progress.elapsed(), 1)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.html").write_text(_html(report, len(images)))
-    print(f"wrote {out / 'report.html'} in {report['seconds']} s")
+    progress(f"wrote {out / 'report.html'} in {report['seconds']} s")
     return 0
 
 
@@ -101,47 +137,107 @@ def _world(model_name: str) -> dict[str, Any]:
             "evaluate": None}
 
 
-def _explain_figures(vlm: Any, image: Any, world: dict[str, Any], out: Path) -> list[str]:
+def _localization_heads(vlm: Any, images: list[Any], scenes: list[Any], world: dict[str, Any], out: Path,
+                        progress: _Progress) -> dict[str, Any]:
+    """Rank localization heads on the demo scenes (`vlmscope.explain.heads`), draw the top heads' maps for
+    every object word of the greedy caption, and, on the shapes world, score them with the pointing game."""
+    from vlmscope.explain import render
+    from vlmscope.explain.heads import rank_heads
+    from vlmscope.explain.maps import explain
+
+    ranking = rank_heads(vlm, images, world["prompt"], top_k=HEADS_SHOWN, min_layer=min(2, vlm.adapter.num_layers - 1))
+    ranking.save(out / "heads" / "ranking.json")
+    top = ranking.heads(HEADS_SHOWN)
+    result: dict[str, Any] = {"ranking": [[layer, head] for layer, head in top], "figures": []}
+    if not top:
+        return result
+    progress.detail("top heads: " + ", ".join(f"L{layer}H{head}" for layer, head in top))
+    is_object = world.get("is_object_word", _is_object_word)
+    layers = sorted({layer for layer, _ in top})
+    for i, image in enumerate(images[:2]):
+        res = explain(vlm, image, world["prompt"], layers=layers, max_new_tokens=world["max_new_tokens"])
+        steps = [s for s, tok in enumerate(res.tokens) if is_object(tok)] or list(range(min(4, len(res.tokens))))
+        heats, titles = [], []
+        for layer, head in top:
+            for s in steps:
+                heats.append(res.maps[s, res.layers.index(layer), res.heads.index(head)])
+                titles.append(f"L{layer}H{head} → {render.safe_label(res.tokens[s])}")
+        fig = render.overlay_grid(image, heats, res.grids[0].region, titles, render.color_limits(heats, "per-map"),
+                                  columns=len(steps), suptitle=f"localization heads: {res.text!r}"[:120])
+        path = out / "heads" / f"scene{i}_heads.png"
+        fig.savefig(path)
+        result["figures"].append(str(path.relative_to(out)))
+    pointing = world.get("pointing")
+    if pointing is not None:
+        game = pointing(vlm, world["scenes"](20, 99), top)
+        result["pointing"] = {"n": game["n"], "hit_rate": {f"L{lh[0]}H{lh[1]}": r for lh, r in game["hit_rate"].items()}}
+        progress.detail("pointing game (peak of the object word's map inside its box): "
+                        + ", ".join(f"{k} {v:.0%}" for k, v in result["pointing"]["hit_rate"].items()))
+    return result
+
+
+def _is_object_word(token: str) -> bool:
+    from vlmscope.shapes.vocab import word_to_category
+
+    return word_to_category(token.strip()) is not None
+
+
+def _explain_figures(vlm: Any, image: Any, world: dict[str, Any], heads: dict[str, Any], out: Path) -> list[str]:
+    from vlmscope.explain.flow import flow
+    from vlmscope.explain.maps import explain
+
     figures: list[str] = []
-    try:
-        from vlmscope.explain.maps import explain
-    except ImportError:
-        return figures
-    layer = world.get("explain_layer", vlm.adapter.num_layers // 2)
+    ranked = heads.get("ranking") or []
+    layer = ranked[0][0] if ranked else world.get("explain_layer", vlm.adapter.num_layers // 2)
     result = explain(vlm, image, world["prompt"], layers=[layer], max_new_tokens=world["max_new_tokens"])
-    result.save(out / "explain")
-    figures += sorted(str(p.relative_to(out)) for p in (out / "explain").glob("*.png"))[:8]
-    try:
-        from vlmscope.explain.flow import flow
-    except ImportError:
-        return figures
+    result.save(out / "explain", reduce="layers,heads")
+    figures += sorted(str(p.relative_to(out)) for p in (out / "explain").glob("steps*.png"))
     flow_result = flow(vlm, image, world["prompt"])
     flow_result.save(out / "flow")
     figures += sorted(str(p.relative_to(out)) for p in (out / "flow").glob("*.png"))
     return figures
 
 
+def _metric_cell(value: Any) -> str:
+    return f"<td>{value:.1f}</td>" if isinstance(value, float) else f"<td>{html.escape(str(value))}</td>"
+
+
 def _html(report: dict[str, Any], n_images: int) -> str:
     esc = html.escape
     rows = []
     for i in range(n_images):
+        truth = f"<br><small>{esc(report['truths'][i])}</small>" if report.get("truths") else ""
         cells = "".join(f"<td>{esc(caps[i])}</td>" for caps in report["captions"].values())
-        rows.append(f"<tr><td><img src='scene{i}.png' width='128'></td>{cells}</tr>")
+        rows.append(f"<tr><td><img src='scene{i}.png' width='128'>{truth}</td>{cells}</tr>")
     head = "".join(f"<th>{esc(n)}</th>" for n in report["captions"])
     metric_rows = ""
     if report["metrics"]:
-        keys = sorted({k for m in report["metrics"].values() for k in m})
-        metric_rows = "<h2>Metrics</h2><table><tr><th>method</th>" + "".join(f"<th>{esc(k)}</th>" for k in keys)
-        metric_rows += "</tr>" + "".join(
-            "<tr><td>" + esc(n) + "</td>" + "".join(
-                f"<td>{m.get(k, ''):.3g}</td>" if isinstance(m.get(k), float) else f"<td>{m.get(k, '')}</td>"
-                for k in keys) + "</tr>" for n, m in report["metrics"].items()) + "</table>"
-    figs = "".join(f"<figure><img src='{esc(f)}' width='420'><figcaption>{esc(f)}</figcaption></figure>"
+        keys = [k for k in ("object_recall", "CHAIR_S", "CHAIR_I", "pope_accuracy", "pope_f1", "pope_yes_ratio",
+                            "pope_random", "pope_popular", "pope_adversarial", "colour_accuracy", "seconds")
+                if any(k in m for m in report["metrics"].values())]
+        n = next(iter(report["metrics"].values())).get("n", "")
+        metric_rows = (f"<h2>CHAIR and POPE ({n} held-out scenes per method, percent)</h2>"
+                       "<table><tr><th>method</th>" + "".join(f"<th>{esc(k)}</th>" for k in keys) + "</tr>")
+        metric_rows += "".join("<tr><td>" + esc(name) + "</td>" + "".join(_metric_cell(m.get(k, "")) for k in keys)
+                               + "</tr>" for name, m in report["metrics"].items()) + "</table>"
+    heads = report.get("heads") or {}
+    head_html = ""
+    if heads.get("ranking"):
+        names = ", ".join(f"L{layer}H{head}" for layer, head in heads["ranking"])
+        head_html = (f"<h2>Localization heads</h2><p>Top heads by the Kang et al. criteria (attention sum elbow, "
+                     f"spatial entropy): {esc(names)} (<a href='heads/ranking.json'>ranking.json</a>).</p>")
+        if heads.get("pointing"):
+            rates = ", ".join(f"{k}: {v:.0%}" for k, v in heads["pointing"]["hit_rate"].items())
+            head_html += (f"<p>Pointing game on {heads['pointing']['n']} objects (peak of the object word's map "
+                          f"inside the object's box): {esc(rates)}</p>")
+        head_html += "".join(f"<figure><img src='{esc(f)}' width='820'><figcaption>{esc(f)}</figcaption></figure>"
+                             for f in heads.get("figures", []))
+    figs = "".join(f"<figure><img src='{esc(f)}' width='560'><figcaption>{esc(f)}</figcaption></figure>"
                    for f in report["figures"])
     return f"""<!doctype html><meta charset="utf-8"><title>vlmscope demo</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
 table{{border-collapse:collapse}} figure{{display:inline-block}}</style>
 <h1>vlmscope demo — {esc(report['model'])}</h1><p>{esc(report['note'])}</p>
 <p>Prompt: <code>{esc(report['prompt'])}</code> · {report['seconds']} s on CPU</p>
-<h2>Captions</h2><table><tr><th>image</th>{head}</tr>{''.join(rows)}</table>{metric_rows}
+<h2>Captions</h2><table><tr><th>image</th>{head}</tr>{''.join(rows)}</table>{metric_rows}{head_html}
 <h2>Attention and information flow</h2>{figs}"""
