@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vision-steps", type=int, default=1200, help="stage 1: vision tower + projector on patch labels")
     ap.add_argument("--vision-images", type=int, default=32, help="stage 1 images per step")
-    ap.add_argument("--steps", type=int, default=1600, help="stage 2: whole model on questions and captions")
+    ap.add_argument("--steps", type=int, default=2000, help="stage 2: whole model on questions and captions")
     ap.add_argument("--images", type=int, default=16, help="stage 2 images per step")
     ap.add_argument("--questions", type=int, default=6, help="stage 2 questions per image per step")
     ap.add_argument("--lr", type=float, default=2e-3)
