@@ -22,6 +22,18 @@ def make_image(seed: int, width: int = 48, height: int = 40):
     return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    # Tiny matrices: thread hand-offs cost more than they save on a shared 2-core machine (about 50x there).
+    # scripts/test.sh also sets OMP_NUM_THREADS=1; this covers a bare `pytest` run.
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def images():
     return [make_image(0, 48, 40), make_image(1, 40, 64)]

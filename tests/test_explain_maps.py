@@ -19,15 +19,6 @@ from vlmscope.models.tiny import build_tiny
 PROMPT = "what is in the image ?"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices: thread hand-offs cost more than they save on a shared 2-core machine (about 50x here).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_image(width: int = 56, height: int = 40, seed: int = 0) -> Image.Image:
     # Smooth gradients plus noise: non-square so the centre-crop region is not the whole image.
     rng = np.random.RandomState(seed)

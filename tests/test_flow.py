@@ -21,14 +21,6 @@ PROMPT = "what is in the image ?"
 ANSWER = "a red ball on the table"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_image(seed: int = 0) -> Image.Image:
     return Image.fromarray((np.random.RandomState(seed).rand(40, 56, 3) * 255).astype("uint8"))
 

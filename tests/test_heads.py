@@ -27,14 +27,6 @@ from vlmscope.models.tiny import build_tiny
 PROMPT = "the red ball on the left"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def components_oracle(binary: np.ndarray) -> list[set[tuple[int, int]]]:
     """Union-find over all pixel pairs within Chebyshev distance 1 (independent of the BFS)."""
     pixels = [tuple(p) for p in np.argwhere(binary)]

@@ -32,16 +32,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 NEUTRAL = dict(penalty_weights=0.0, threshold=1000, renormalize_candidates=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CI machine is shared: two-thread kernels on tiny matrices spin-wait on descheduled threads and run
-    # orders of magnitude slower; one thread keeps these tests fast and deterministic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _image(seed: int, size: int = 32) -> Image.Image:
     return Image.fromarray((np.random.RandomState(seed).rand(size, size, 3) * 255).astype("uint8"))
 

@@ -29,14 +29,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TEST_SEED = 2024
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def stock():
     from transformers import AutoModelForImageTextToText, AutoProcessor

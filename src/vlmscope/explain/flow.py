@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import platform
 import time
 from collections.abc import Iterator, Sequence
@@ -48,6 +47,7 @@ from vlmscope.attention.engine import AttentionPlan, attention_plan, decoder_att
 from vlmscope.decoding import DECODINGS
 from vlmscope.errors import InputError
 from vlmscope.explain import render
+from vlmscope.explain._json import json_safe
 from vlmscope.explain.select import check_range, parse_indices
 from vlmscope.images import load_image
 from vlmscope.models.adapters import Batch, ImageGrid
@@ -102,7 +102,7 @@ class FlowResult:
         return np.asarray(self.cam["grids"][name]["normalized" if normalized else "raw"], dtype=np.float32)
 
     def to_json(self) -> dict[str, Any]:
-        return _finite({
+        return json_safe({
             "model": self.model_id, "prompt": self.prompt, "answer": self.answer, "answer_ids": self.answer_ids,
             "answer_tokens": self.answer_tokens, "prompt_ids": self.prompt_ids, "groups": self.groups,
             "layers": self.layers,
@@ -484,12 +484,3 @@ def flow(vlm: Any, image: Any, prompt: str, answer: str | None = None, max_new_t
         grids=inputs.grids, params=params, runtime=runtime,
     )
 
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj

@@ -36,6 +36,7 @@ import torch
 from vlmscope.attention.engine import AttentionPlan, Capture, decoder_attention_modules
 from vlmscope.decoding.session import GenerationRun
 from vlmscope.errors import InputError
+from vlmscope.explain._json import json_safe
 from vlmscope.images import load_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -191,19 +192,9 @@ class HeadRanking:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_finite(self.to_json()), indent=2))
+        path.write_text(json.dumps(json_safe(self.to_json()), indent=2))
         return path
 
-
-def _finite(obj: Any) -> Any:
-    """JSON has no infinity: write an infinite entropy as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def image_files(images: Any) -> list[Any]:
