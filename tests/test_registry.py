@@ -45,3 +45,29 @@ def test_from_config_mapping(registry):
 def test_errors(registry, spec, message):
     with pytest.raises(InputError, match=message):
         registry.parse(spec)
+
+
+def test_spec_string_round_trips_every_parameter():
+    from vlmscope.decoding import DECODINGS
+    from vlmscope.interventions import INTERVENTIONS
+    from vlmscope.registry import spec_string
+
+    opera = DECODINGS.parse("opera:num_beams=3,image_span=(4,9),faithful=false")
+    text = spec_string(opera)
+    assert text.startswith("opera:num_beams=3,") and "image_span=[4,9]" in text and "faithful=false" in text
+    assert DECODINGS.parse(text) == opera
+    pai = INTERVENTIONS.parse("pai:alpha=0.5,cfg=true")
+    assert INTERVENTIONS.parse(spec_string(pai)) == pai
+    assert spec_string(DECODINGS.parse("greedy")) == "greedy"
+
+
+def test_provenance_records_versions_and_specs():
+    import transformers
+
+    from vlmscope.decoding import DECODINGS
+    from vlmscope.provenance import provenance
+
+    record = provenance(model_id="tiny-llava", decoding=DECODINGS.parse("beam:num_beams=2"), seed=3)
+    assert record["versions"]["transformers"] == transformers.__version__
+    assert record["decoding"] == "beam:num_beams=2,length_penalty=1.0,early_stopping=false"
+    assert record["model"] == "tiny-llava" and record["seed"] == 3

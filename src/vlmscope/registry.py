@@ -184,3 +184,27 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise InputError(f"{where}: expected {hint.__name__}, got {value!r}") from None
     return value
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_value_text(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def spec_string(method: Any) -> str:
+    """The registry spec of a method instance with every parameter: `opera:num_beams=5,scale_factor=50.0,...`.
+
+    It is what results record, and `Registry.parse` reads it back into an equal instance.
+    """
+    name = getattr(type(method), "name", None)
+    if name is None or not dataclasses.is_dataclass(method):
+        raise TypeError(f"{method!r} is not a registered method")
+    params = [f"{f.name}={_value_text(getattr(method, f.name))}" for f in dataclasses.fields(method) if f.init]
+    return f"{name}:{','.join(params)}" if params else name
