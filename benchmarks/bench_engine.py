@@ -23,21 +23,16 @@ import torch
 
 
 def build(full: bool, device: str):
-    from vlmscope.api import VLM
-    from vlmscope.models.tiny import build_llava
+    from bench_common import LLAVA15_7B_TEXT, LLAVA15_7B_VISION, build_llava_vlm  # a sibling module
 
     if full:
-        text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=32)
-        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
+        text, vision = LLAVA15_7B_TEXT, LLAVA15_7B_VISION
     else:
         text = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
                     num_key_value_heads=8)
         vision = None
-    model, processor = build_llava(image_size=336, patch_size=14, text=text, vision=vision)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    model = model.to(device=device, dtype=dtype)
-    return VLM(model, processor, "bench-llava")
+    return build_llava_vlm(text, vision, device=device, dtype=dtype)
 
 
 def image():

@@ -16,19 +16,21 @@ interleaved within each repeat, and the fastest repeat is reported (on a shared 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import torch
+from bench_common import (  # a sibling module in benchmarks/
+    LLAVA15_7B_TEXT,
+    LLAVA15_7B_VISION,
+    build_llava_vlm,
+)
 from PIL import Image
 
 from vlmscope.api import VLM
 from vlmscope.decoding.greedy import Greedy
 from vlmscope.decoding.session import GenerationRun
 from vlmscope.interventions import INTERVENTIONS
-from vlmscope.models.tiny import build_llava
 
 METHODS = [
     ("greedy", None),
@@ -45,30 +47,14 @@ METHODS = [
 
 def build(args: argparse.Namespace) -> VLM:
     if args.full:
-        text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=32)
-        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
+        text, vision = LLAVA15_7B_TEXT, LLAVA15_7B_VISION
         scale = 1.0  # random 7B-sized weights need no sharpening to vary
     else:
         text = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
                     num_key_value_heads=8)
         vision = None
         scale = 8.0
-    dtype = getattr(torch, args.dtype)
-    with _default_dtype(dtype), torch.device(args.device):
-        model, processor = build_llava(image_size=336, patch_size=14, text=text, vision=vision, scale=scale)
-    model = model.to(device=args.device, dtype=dtype).eval()
-    return VLM(model, processor, "bench-llava")
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+    return build_llava_vlm(text, vision, device=args.device, dtype=getattr(torch, args.dtype), scale=scale)
 
 
 def _sync(device: str) -> None:

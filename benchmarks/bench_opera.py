@@ -17,133 +17,38 @@ memory really leaves) minus the resident set before the search.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
 import os
 import statistics
-import threading
-import time
 from typing import Any
 
 import numpy as np
 import torch
+from bench_common import (  # a sibling module in benchmarks/
+    LLAVA15_7B_TEXT,
+    LLAVA15_7B_VISION,
+    build_llava_vlm,
+    map_large_blocks,
+    measure,
+)
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-# --- memory -------------------------------------------------------------------------------------------------
-
-def _rss_kib() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-class PeakMemory:
-    """Peak extra memory of a block: CUDA allocator peak, or the CPU resident set's high-water mark."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak_bytes = 0
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back so the resident set is honest
-        except OSError:
-            pass
-        self.base = _rss_kib()
-        self._hwm_reset = _reset_hwm()
-        self._sampled = self.base
-        self._stop = threading.Event()
-        if not self._hwm_reset:  # fall back to sampling the resident set
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self._sampled = max(self._sampled, _rss_kib())
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak_bytes = torch.cuda.max_memory_allocated() - self.base
-            return
-        if self._hwm_reset:
-            peak = _hwm_kib()
-        else:
-            self._stop.set()
-            self._thread.join()
-            peak = self._sampled
-        self.peak_bytes = max(0, peak - self.base) * 1024
-
-
-def _map_large_blocks() -> None:
-    """Make glibc serve every block >= 128 KiB by mmap and give it back on free (no dynamic threshold), so the
-    resident set follows live tensors and one search's freed memory does not hide the next one's peak."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _hwm_kib() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
-
-
 # --- model ----------------------------------------------------------------------------------------------------
 
 def build(args: argparse.Namespace) -> tuple[Any, Any]:
-    from vlmscope.api import VLM
-    from vlmscope.models.tiny import build_llava
-
-    if args.full:  # LLaVA-1.5-7B language model shapes (random weights); CLIP-L/336 vision shapes
-        text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=32, vocab_size=32064)
-        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
-        scale = 1.0
+    if args.full:  # LLaVA-1.5-7B shapes (random weights)
+        text, vision, scale = LLAVA15_7B_TEXT, LLAVA15_7B_VISION, 1.0
     else:
         text = dict(hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
                     num_attention_heads=8, num_key_value_heads=4)
         vision = None
         scale = 4.0
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    previous = torch.get_default_dtype()
-    # On a GPU the random weights are created there, in float16 (7B float32 weights would not fit the host).
-    place = torch.device(args.device) if args.device != "cpu" else contextlib.nullcontext()
-    torch.set_default_dtype(dtype)
-    try:
-        with place:
-            model, processor = build_llava(seed=0, image_size=336, patch_size=14, scale=scale, text=text,
-                                           vision=vision)
-    finally:
-        torch.set_default_dtype(previous)
-    model = model.to(device=args.device, dtype=dtype).eval()
-    model.generation_config.eos_token_id = None  # every search runs to max_new_tokens
-    return model, VLM(model, processor, "bench-llava")
+    vlm = build_llava_vlm(text, vision, device=args.device, dtype=dtype, scale=scale)
+    vlm.model.generation_config.eos_token_id = None  # every search runs to max_new_tokens
+    return vlm.model, vlm
 
 
 def run_stock(vlm: Any, batch: Any, beams: int, max_new: int) -> dict[str, Any]:
@@ -161,18 +66,6 @@ def run_opera(vlm: Any, batch: Any, beams: int, max_new: int, **params: Any) -> 
         hyp = method.decode(run, max_new, [], vlm.adapter.tokenizer.pad_token_id)[0]
     info = hyp.extras["opera"]
     return {"tokens": len(hyp.token_ids), "rollbacks": info["rollbacks"], "steps": info["decoding_steps"]}
-
-
-def measure(fn: Any, device: torch.device) -> tuple[float, int, dict[str, Any]]:
-    with PeakMemory(device) as memory:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        info = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-    return elapsed, memory.peak_bytes, info
 
 
 SEARCHES = {
@@ -245,7 +138,7 @@ def main() -> None:
     if args.device == "cpu":
         # A separate pass for memory: with every large block mapped separately the resident set follows the
         # live tensors exactly, but the extra system calls would distort the timings above.
-        _map_large_blocks()
+        map_large_blocks()
         peaks = {}
         for _ in range(2):  # the smaller of two: allocator noise only ever adds
             for max_new in args.lengths:
