@@ -43,13 +43,13 @@ def build(config: str, args: argparse.Namespace) -> VLM:
     return build_intervention_model(argparse.Namespace(full=config == "full", dtype=args.dtype, device=args.device))
 
 
-def write_questions(root: Path, n_images: int, per_image: int) -> list[dict]:
-    """POPE-style questions: `per_image` questions about each of `n_images` random images (as the official
-    files: 6 questions per image), written as COCO-named JPEGs under `root`."""
+def write_questions(root: Path, n_images: int, per_image: int, width: int = 320, height: int = 240) -> list[dict]:
+    """POPE-style questions: `per_image` questions about each of `n_images` random `width` x `height` images (as
+    the official files: 6 questions per image), written as COCO-named JPEGs under `root`."""
     questions = []
     for i in range(n_images):
         name = f"COCO_val2014_{i + 1:012d}.jpg"
-        pixels = (np.random.default_rng(i).random((240, 320, 3)) * 255).astype("uint8")
+        pixels = (np.random.default_rng(i).random((height, width, 3)) * 255).astype("uint8")
         Image.fromarray(pixels).save(root / name)
         for j in range(per_image):
             obj = OBJECTS[(i + j) % len(OBJECTS)]
