@@ -29,6 +29,7 @@ error and the others still run (exit status 1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -138,17 +139,24 @@ class Sample:
 
 
 def side_by_side(ctx: Context, variants: dict[str, Callable[[], Any]], repeats: int | None = None,
-                 warmups: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[Sample]]:
+                 warmups: dict[str, Callable[[], Any]] | None = None,
+                 modes: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[Sample]]:
     """Warm every variant up (short runs), then time them interleaved, `repeats` times, so that load changes
-    and clock drift hit every variant alike."""
+    and clock drift hit every variant alike. `modes[name]()`: a context manager entered around each of that
+    variant's runs, outside the timed block (e.g. switching the attention implementation)."""
     from bench_common import measure
 
-    for fn in (warmups or variants).values():
-        fn()
+    def within(name: str) -> Any:
+        return modes[name]() if modes and name in modes else contextlib.nullcontext()
+
+    for name, fn in (warmups or variants).items():
+        with within(name):
+            fn()
     samples: dict[str, list[Sample]] = {name: [] for name in variants}
     for _ in range(repeats or ctx.repeats):
         for name, fn in variants.items():
-            samples[name].append(Sample(*measure(fn, ctx.device)))
+            with within(name):
+                samples[name].append(Sample(*measure(fn, ctx.device)))
     return samples
 
 
@@ -270,18 +278,22 @@ def part_capture(ctx: Context) -> list[Row]:
     model = ctx.vlm.model
     previous = model.config.get_text_config()._attn_implementation
 
-    def stock(tokens: int) -> Any:
+    @contextlib.contextmanager
+    def eager() -> Iterator[None]:
         model.set_attn_implementation({"text_config": "eager"})  # output_attentions needs eager attention
         try:
-            return stock_generate(ctx, tokens, output_attentions=True, return_dict_in_generate=True)
+            yield
         finally:
             model.set_attn_implementation({"text_config": previous})
+
+    def stock(tokens: int) -> Any:
+        return stock_generate(ctx, tokens, output_attentions=True, return_dict_in_generate=True)
 
     def ours(tokens: int) -> Any:
         return explain(ctx.vlm, ctx.image, PROMPT, layers=[layer], max_new_tokens=tokens)
 
     samples = side_by_side(ctx, {"stock": lambda: stock(n), "ours": lambda: ours(n)},
-                           warmups={"stock": lambda: stock(2), "ours": lambda: ours(2)})
+                           warmups={"stock": lambda: stock(2), "ours": lambda: ours(2)}, modes={"stock": eager})
     if model.config.get_text_config()._attn_implementation != previous:
         raise RuntimeError("capture: the attention implementation was not restored")
     out, result = samples["stock"][-1].result, samples["ours"][-1].result

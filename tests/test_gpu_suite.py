@@ -159,3 +159,22 @@ def test_no_part_starts_after_the_time_budget(monkeypatch, tmp_path):
     payload = json.loads(out.read_text())
     assert payload["rows"] == []
     assert all(payload["parts"][p]["status"].startswith("skipped") for p in ("engine", "chair"))
+
+
+def test_full_mode_builds_llava_1_5_7b_shapes(monkeypatch):
+    import torch
+
+    suite = load_suite(monkeypatch)
+    from bench_common import build_llava_vlm
+
+    size = suite._full()
+    assert (size.dtype, size.device, size.beams, size.chair_tokens, size.pope_batches) == (
+        "bfloat16", "cuda", 5, 512, (8, 32))
+    # On the meta device: shapes without memory. The oracle: llava-hf/llava-1.5-7b-hf has 7,063,427,072
+    # parameters (Vicuna-7B with 32064 tokens, CLIP ViT-L/14-336, the two-layer projector).
+    vlm = build_llava_vlm(size.text, size.vision, device="meta", dtype=torch.bfloat16, scale=size.scale,
+                          image_size=size.image_size, patch_size=size.patch_size, fixed_length=True)
+    assert sum(p.numel() for p in vlm.model.parameters()) == 7_063_427_072
+    assert vlm.model.config.image_seq_length == 576 and vlm.dtype == torch.bfloat16
+    assert vlm.adapter.num_layers == 32 and size.capture_layer < 32
+    assert vlm.model.generation_config.eos_token_id == []  # fixed token counts: no EOS
