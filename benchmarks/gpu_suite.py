@@ -7,11 +7,11 @@ Every figure is a ratio of two variants measured side by side in this run: inter
 warm-up, the median of the repeats. Parts (`--parts` picks some):
 
   engine         idle engine (our decoding loop, engine registered, no operations) greedy / stock SDPA generate
-  opera          OPERA (5 beams, defaults) / stock beam search (5 beams): time and peak memory, 64 and 256 tokens
   interventions  PAI, AAI, VCD, FastV, truncation (defaults) / greedy: time; FastV also its KV cache
   capture        one captured layer (`explain`) / stock output_attentions=True (eager, all layers): time, memory
   pope           POPE answering (the `eval pope` path) batched 8 and 32 / one by one: questions per second
   chair          CHAIR captioning (the `eval chair` path) at 512 new tokens, batched / one by one: captions/s
+  opera          OPERA (5 beams, defaults) / stock beam search (5 beams): time and peak memory, 64 and 256 tokens
 
 No weights are needed: the model is random-initialised directly on the GPU (bf16 by default). EOS is disabled,
 so every run decodes exactly its number of new tokens. GPU timing: `torch.cuda.synchronize()` before and after
@@ -19,11 +19,13 @@ every timed run; peak memory: `torch.cuda.max_memory_allocated()` during the run
 before it (the weights), the median over the repeats. On the CPU (`--small`) peak memory is the resident
 set's high-water mark growth, a sanity figure only.
 
-Budget: sized for under 8 minutes end to end on one H200 (about 3 minutes expected: the heaviest parts are
-OPERA at 256 tokens and the 512-token captions). Each part's wall time is printed as it finishes; once
-`--budget-seconds` have passed the remaining parts are skipped (recorded as such), and the JSON file is
-rewritten after every part, so a run cut short keeps what it measured. A part that fails is recorded with its
-error and the others still run (exit status 1).
+Budget: sized for under 8 minutes end to end on one H200. Estimated from the work (~30 ms per decode step of
+a 7B model in an eager-PyTorch loop; not yet measured): build 30 s, engine 15 s, interventions 25 s, capture
+10 s, POPE 20 s, CHAIR 35 s, OPERA 90 s, about 4 minutes. OPERA runs last, because on random weights its
+rollbacks (hence its decoding steps) cannot be sized ahead. Each part's wall time is printed as it finishes;
+once `--budget-seconds` (default 450) have passed no further part or OPERA length is started (recorded as
+skipped), and the JSON file is rewritten after every part, so a run cut short keeps what it measured. A part
+that fails is recorded with its error and the others still run (exit status 1).
 """
 
 from __future__ import annotations
@@ -129,6 +131,8 @@ class Context:
     repeats: int
     image: Any
     batch: Any  # the encoded (image, PROMPT) batch of one
+    deadline: float = float("inf")  # time.perf_counter() after which no new measurement starts
+    notes: list[str] = field(default_factory=list)  # what a part left out, for its status line
 
 
 @dataclass
@@ -142,7 +146,7 @@ def side_by_side(ctx: Context, variants: dict[str, Callable[[], Any]], repeats: 
                  warmups: dict[str, Callable[[], Any]] | None = None,
                  modes: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[Sample]]:
     """Warm every variant up (short runs), then time them interleaved, `repeats` times, so that load changes
-    and clock drift hit every variant alike. `modes[name]()`: a context manager entered around each of that
+    and clock drift hit every variant alike; the last sample of each keeps its result. `modes[name]()`: a context manager entered around each of that
     variant's runs, outside the timed block (e.g. switching the attention implementation)."""
     from bench_common import measure
 
@@ -155,6 +159,8 @@ def side_by_side(ctx: Context, variants: dict[str, Callable[[], Any]], repeats: 
     samples: dict[str, list[Sample]] = {name: [] for name in variants}
     for _ in range(repeats or ctx.repeats):
         for name, fn in variants.items():
+            if samples[name]:
+                samples[name][-1].result = None  # keep only the last run's output (GPU memory, the next peak)
             with within(name):
                 samples[name].append(Sample(*measure(fn, ctx.device)))
     return samples
@@ -216,6 +222,9 @@ def part_opera(ctx: Context) -> list[Row]:
     spec = spec_string(OperaDecoding(num_beams=beams))
     rows = []
     for n in ctx.size.opera_tokens:
+        if rows and time.perf_counter() > ctx.deadline:
+            ctx.notes.append(f"{n} tokens skipped (time budget)")
+            continue
         variants = {"stock": lambda n=n: stock_generate(ctx, n, num_beams=beams),
                     "opera": lambda n=n: run_opera(ctx.vlm, ctx.batch, beams, n)}
         warmups = {"stock": lambda: stock_generate(ctx, 4, num_beams=beams),
@@ -371,13 +380,14 @@ def part_chair(ctx: Context) -> list[Row]:
                  "repeats": size.chair_repeats})]
 
 
+# OPERA last: on random weights its rollbacks (hence its steps) are the one cost that cannot be sized ahead.
 PARTS: dict[str, Callable[[Context], list[Row]]] = {
     "engine": part_engine,
-    "opera": part_opera,
     "interventions": part_interventions,
     "capture": part_capture,
     "pope": part_pope,
     "chair": part_chair,
+    "opera": part_opera,
 }
 
 
@@ -489,6 +499,7 @@ def run_suite(size: SuiteSize, parts: Sequence[str], out: Path | None) -> int:
 
     start = time.perf_counter()
     ctx = build_context(size, size.repeats)
+    ctx.deadline = start + size.budget_seconds
     build_seconds = time.perf_counter() - start
     gpu = device_name(ctx.device)
     image_tokens = int(ctx.batch.image_mask.sum())
@@ -517,11 +528,12 @@ def run_suite(size: SuiteSize, parts: Sequence[str], out: Path | None) -> int:
             print(f"[{name}] skipped (time budget)", flush=True)
             continue
         part_start = time.perf_counter()
+        ctx.notes.clear()
         try:
             with torch.no_grad():
                 part_rows = PARTS[name](ctx)
             rows.extend(part_rows)
-            status[name] = {"status": "ok", "wall_seconds": time.perf_counter() - part_start}
+            status[name] = {"status": "; ".join(["ok", *ctx.notes]), "wall_seconds": time.perf_counter() - part_start}
         except Exception as exc:  # one broken part must not cost the rest of a scarce GPU slot
             failed = True
             traceback.print_exc()

@@ -16,7 +16,7 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPT = BENCHMARKS / "gpu_suite.py"
-PARTS = ["engine", "opera", "interventions", "capture", "pope", "chair"]
+PARTS = ["engine", "interventions", "capture", "pope", "chair", "opera"]
 
 
 def load_suite(monkeypatch):
@@ -178,3 +178,16 @@ def test_full_mode_builds_llava_1_5_7b_shapes(monkeypatch):
     assert vlm.model.config.image_seq_length == 576 and vlm.dtype == torch.bfloat16
     assert vlm.adapter.num_layers == 32 and size.capture_layer < 32
     assert vlm.model.generation_config.eos_token_id == []  # fixed token counts: no EOS
+
+
+def test_opera_starts_no_longer_search_after_the_deadline(monkeypatch):
+    import dataclasses
+
+    suite = load_suite(monkeypatch)
+    size = dataclasses.replace(suite._small(), opera_tokens=(5, 7))
+    ctx = suite.build_context(size, repeats=1)
+    ctx.deadline = 0.0  # already passed: the first length still runs, so that the part has a figure
+    rows = suite.part_opera(ctx)
+    assert [r["new_tokens"] for r in (row.details for row in rows)] == [5, 5]
+    assert ctx.notes == ["7 tokens skipped (time budget)"]
+    assert rows[0].value > 0 and rows[1].unit == "MiB"
