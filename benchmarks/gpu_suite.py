@@ -483,6 +483,17 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: Sequence[Row], device: str, size: SuiteSize) -> str:
+    """The table as a README block: date, device, model, then one line per figure."""
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    lines = [f"Measured {day} on {device}: {size.shape}, {size.dtype}, median of {size.repeats} "
+             "interleaved repeats (`benchmarks/gpu_suite.py`).", "",
+             "| part | figure | measured | against | ratio |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r.part} | {r.figure} | {format_value(r.value, r.unit)} | {format_value(r.baseline, r.unit)} | "
+              f"{r.ratio:.2f}x |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write to a temporary file and rename, so that a run killed mid-write leaves the previous version."""
     tmp = path.with_name(path.name + ".tmp")
@@ -517,7 +528,7 @@ def run_suite(size: SuiteSize, parts: Sequence[str], out: Path | None) -> int:
                             suite=size.name, image_tokens=image_tokens,
                             prompt_tokens=int(ctx.batch.input_ids.shape[1]))
         return {"title": title, "provenance": record, "size": asdict(size), "parts": status,
-                "rows": [r.to_json() for r in rows]}
+                "rows": [r.to_json() for r in rows], "readme_markdown": markdown(rows, gpu, size)}
 
     failed = False
     for name in parts:

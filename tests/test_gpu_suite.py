@@ -52,6 +52,11 @@ def test_small_mode_runs_every_part_and_prints_one_table(small_run):
         assert math.isclose(row["ratio"], row["value"] / row["baseline"], rel_tol=1e-12)
         assert row["figure"] in stdout  # the printed table has every figure of the JSON
     assert stdout.count("part ") == 1 and "wall time:" in stdout
+    readme = payload["readme_markdown"].splitlines()  # the block that goes into the README's GPU section
+    assert readme[0].startswith("Measured 20") and "CPU" in readme[0]
+    assert len(readme) == 4 + len(payload["rows"])
+    for row, line in zip(payload["rows"], readme[4:]):
+        assert line.startswith(f"| {row['part']} | {row['figure']} | ") and line.endswith(f" | {row['ratio']:.2f}x |")
     record = payload["provenance"]
     assert record["versions"]["torch"] and record["dtype"] == "float32" and record["device"] == "cpu"
     assert record["suite"] == "small" and record["image_tokens"] == 64
