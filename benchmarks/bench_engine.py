@@ -20,11 +20,10 @@ import sys
 import time
 
 import torch
+from bench_common import LLAVA15_7B_TEXT, LLAVA15_7B_VISION, build_llava_vlm, sync  # a sibling module
 
 
 def build(full: bool, device: str):
-    from bench_common import LLAVA15_7B_TEXT, LLAVA15_7B_VISION, build_llava_vlm  # a sibling module
-
     if full:
         text, vision = LLAVA15_7B_TEXT, LLAVA15_7B_VISION
     else:
@@ -48,11 +47,6 @@ def stock_inputs(vlm, prompt):
     inputs = vlm.processor(images=[image()], text=[text], return_tensors="pt").to(vlm.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(vlm.dtype)
     return inputs
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def timed(fn, device, repeats):

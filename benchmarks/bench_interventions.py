@@ -24,6 +24,7 @@ from bench_common import (  # a sibling module in benchmarks/
     LLAVA15_7B_TEXT,
     LLAVA15_7B_VISION,
     build_llava_vlm,
+    sync,
 )
 from PIL import Image
 
@@ -57,11 +58,6 @@ def build(args: argparse.Namespace) -> VLM:
     return build_llava_vlm(text, vision, device=args.device, dtype=getattr(torch, args.dtype), scale=scale)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def measure(vlm: VLM, batch, spec: str | None, tokens: int, device: str) -> dict[str, float]:
     """One generation of exactly `tokens` tokens: total seconds (setup such as AAI's vision pass + prefill +
     decode), prefill seconds, the mean decode-step seconds (after the prefill, incl. the interventions' logit
@@ -73,20 +69,20 @@ def measure(vlm: VLM, batch, spec: str | None, tokens: int, device: str) -> dict
 
     class Timed(GenerationRun):
         def prefill(self) -> torch.Tensor:
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             logits = super().prefill()
-            _sync(device)
+            sync(device)
             timings["prefill_end"] = time.perf_counter()
             timings["prefill"] = timings["prefill_end"] - start
             return logits
 
     with torch.no_grad():
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         with Timed(vlm.model, vlm.adapter, batch, interventions) as run:
             hyps = greedy.decode(run, tokens, eos_ids=[], pad_id=pad)
-            _sync(device)
+            sync(device)
             end = time.perf_counter()
             timings["total"] = end - start
             timings["decode"] = (end - timings.pop("prefill_end")) / max(1, tokens - 1)
