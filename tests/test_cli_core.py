@@ -11,8 +11,16 @@ def test_generate_json(image_file, capsys):
     code = main(["generate", "--model", "tiny-llava", "--image", str(image_file), "--prompt",
                  "describe this image .", "--max-new-tokens", "4", "--json", "--decoding", "beam:num_beams=2"])
     assert code == 0
-    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert row["decoding"] == "beam" and row["image_tokens"] == 16
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1  # one JSON object per input, nothing else on stdout
+    row = json.loads(out)
+    # The full spec, every parameter: it parses back into the method that ran.
+    assert row["decoding"] == "beam:num_beams=2,length_penalty=1.0,early_stopping=false"
+    from vlmscope.decoding import DECODINGS
+    from vlmscope.decoding.beam import BeamSearch
+
+    assert DECODINGS.parse(row["decoding"]) == BeamSearch(num_beams=2)
+    assert row["image_tokens"] == 16
     assert len(row["scores"]) == len(row["token_ids"]) <= 4
 
 

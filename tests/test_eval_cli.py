@@ -37,16 +37,16 @@ def _last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_chair_json_last_line_and_save(files, capsys) -> None:
+def test_chair_json_is_pure_and_save(files, capsys) -> None:
     save = files["tmp"] / "out" / "details.json"
     code = main(["chair", "--captions", str(files["caps"]), "--gt-objects", str(files["gt"]), "--json", "--save", str(save)])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     assert code == 0
-    metrics = _last_json(out)
+    metrics = json.loads(captured.out)  # stdout is one JSON document (`| python -m json.tool` works)
     assert list(metrics) == CHAIR_KEYS
     assert metrics["CHAIR_S"] == pytest.approx(200 / 3) and metrics["CHAIR_I"] == pytest.approx(200 / 9)
     assert metrics["Len"] == pytest.approx(10.0)
-    assert "CHAIR_S" in out.splitlines()[1]  # readable table before the JSON line
+    assert "CHAIR_S" in captured.err.splitlines()[1]  # the readable table went to stderr
     saved = json.loads(save.read_text())
     assert saved["metrics"] == metrics and len(saved["per_caption"]) == 3
     assert saved["per_caption"][1]["mscoco_hallucinated_words"] == [["laptop", "laptop"]]
