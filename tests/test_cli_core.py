@@ -43,3 +43,19 @@ def test_errors_exit_nonzero_with_one_line(tmp_path, image_file, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and len(err.splitlines()) == 1
+
+
+def test_explain_rerun_replaces_its_own_files(tmp_path, image_file, capsys):
+    """Old main kept the previous run's overlays beside the new run.json."""
+    out = tmp_path / "explain"
+    base = ["explain", "--model", "tiny-llava", "--image", str(image_file), "--prompt", "describe this image .",
+            "--max-new-tokens", "2", "--out", str(out)]
+    assert main([*base, "--layers", "1-2", "--reduce", "steps,heads"]) == 0
+    assert sorted(p.name for p in out.glob("overlay_*.png")) == ["overlay_l01.png", "overlay_l02.png"]
+    capsys.readouterr()
+    assert main([*base, "--layers", "3", "--reduce", "steps,heads", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)  # --json: one JSON document on stdout
+    assert sorted(p.name for p in out.glob("overlay_*.png")) == ["overlay_l03.png"]
+    assert [str(out / "overlay_l03.png")] == doc["files"]["overlays"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["output"]["files"]["overlays"] == doc["files"]["overlays"]
