@@ -240,6 +240,7 @@ def test_run_json_records_settings_as_spec_strings(greedy_run):
     prov = run["provenance"]
     assert set(prov) >= {"versions", "model", "revision", "decoding", "device", "dtype", "wall_seconds"}
     assert prov["wall_seconds"] > 0
+    assert (prov["rows_reused"], prov["rows_computed"]) == (0, 3)
     # metrics.json records the same specs, never a Python repr such as "Greedy()".
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["decoding"] == "greedy" and "Greedy()" not in json.dumps(metrics)

@@ -229,7 +229,8 @@ def _run(folder: RunFolder, items: Sequence[Any], item_key: Callable[[Any], Hash
         return RunReport(reused, len(todo), len(mine), None)
     _merge(folder, [item_key(it) for it in items], shard)
     payload = score()
-    folder.write({**provenance, "wall_seconds": round(time.perf_counter() - started, 3)})
+    folder.write({**provenance, "wall_seconds": round(time.perf_counter() - started, 3), "rows_reused": reused,
+                  "rows_computed": len(todo)})
     return RunReport(reused, len(todo), len(items), payload)
 
 
