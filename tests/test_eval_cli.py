@@ -37,16 +37,16 @@ def _last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_chair_json_last_line_and_save(files, capsys) -> None:
+def test_chair_json_is_pure_and_save(files, capsys) -> None:
     save = files["tmp"] / "out" / "details.json"
     code = main(["chair", "--captions", str(files["caps"]), "--gt-objects", str(files["gt"]), "--json", "--save", str(save)])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     assert code == 0
-    metrics = _last_json(out)
+    metrics = json.loads(captured.out)  # stdout is one JSON document (`| python -m json.tool` works)
     assert list(metrics) == CHAIR_KEYS
     assert metrics["CHAIR_S"] == pytest.approx(200 / 3) and metrics["CHAIR_I"] == pytest.approx(200 / 9)
     assert metrics["Len"] == pytest.approx(10.0)
-    assert "CHAIR_S" in out.splitlines()[1]  # readable table before the JSON line
+    assert "CHAIR_S" in captured.err.splitlines()[1]  # the readable table went to stderr
     saved = json.loads(save.read_text())
     assert saved["metrics"] == metrics and len(saved["per_caption"]) == 3
     assert saved["per_caption"][1]["mscoco_hallucinated_words"] == [["laptop", "laptop"]]
@@ -164,3 +164,47 @@ def test_repository_root_chair_script(files, capsys) -> None:
     saved = json.loads(save.read_text())
     assert saved["overall_metrics"]["CHAIRs"] == pytest.approx(2 / 3) and len(saved["sentences"]) == 3
     assert module.main(["--cap_file", str(files["tmp"] / "nope.jsonl")]) == 2
+
+
+def test_compare_shows_what_produced_the_numbers(tmp_path: Path, capsys) -> None:
+    runs = {"greedy": ("greedy", [], 512, 45.0), "pai": ("beam:num_beams=5,length_penalty=1.0,early_stopping=false",
+                                                       ["pai:alpha=0.2"], 64, 40.0)}
+    for name, (decoding, interventions, tokens, s) in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({
+            "task": "chair", "metrics": {"CHAIR_S": s},
+            "settings": {"decoding": decoding, "interventions": interventions, "max_new_tokens": tokens}}))
+    assert main(["compare", str(tmp_path / "greedy"), str(tmp_path / "pai")]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "| run | decoding | interventions | max_new_tokens | CHAIR_S |",
+        "|---|---:|---:|---:|---:|",
+        "| greedy | greedy | none | 512 | 45.0 |",
+        "| pai | beam:num_beams=5,length_penalty=1.0,early_stopping=false | pai:alpha=0.2 | 64 | 40.0 |",
+    ]
+
+
+def test_chair_refuses_empty_and_duplicate_captions(files, capsys) -> None:
+    """Old main: an empty captions file scored CHAIR 0.0 (a perfect score), exit 0."""
+    empty = files["tmp"] / "empty.jsonl"
+    empty.write_text("")
+    assert main(["chair", "--captions", str(empty), "--gt-objects", str(files["gt"])]) == 2
+    assert "no captions" in capsys.readouterr().err
+    dup = _jsonl(files["tmp"] / "dup.jsonl", [*CAPS, CAPS[0]])
+    assert main(["chair", "--captions", str(dup), "--gt-objects", str(files["gt"])]) == 2
+    assert "image 1 has several captions" in capsys.readouterr().err
+
+
+def test_shapes_eval_json_is_pure(monkeypatch, capsys) -> None:
+    """Old main printed the scenes and a summary line, then one JSON line (`| python -m json.tool` failed)."""
+    import vlmscope.shapes.evaluate as shapes_evaluate
+
+    def fake_evaluate(vlm, n, seed, decoding, interventions, progress=None, keep_outputs=False):
+        return {"n": n, "seed": seed, "object_recall": 50.0, "pope_accuracy": 75.0, "CHAIR_S": 10.0, "CHAIR_I": 5.0,
+                "captions": ["a red circle ."] * n, "answers": []}
+
+    monkeypatch.setattr(shapes_evaluate, "evaluate", fake_evaluate)
+    assert main(["shapes-eval", "--n", "2", "--decoding", "beam:num_beams=2", "--json"]) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["decoding"] == "beam:num_beams=2,length_penalty=1.0,early_stopping=false"
+    assert doc["CHAIR_I"] == 5.0 and "scene 0" in captured.err

@@ -260,3 +260,66 @@ def test_empty_answers_are_counted_and_read_as_yes() -> None:
     assert out["empty"] == 3 and out["unparsed"] == 0
     # labels yes no yes no; predictions yes yes no yes
     assert (out["tp"], out["fp"], out["fn"], out["tn"]) == (1, 2, 1, 0) and out["Yes_ratio"] == 75.0
+
+
+# --- scoring refuses or reports, never guesses (issue 12) ----------------------------------------------------
+
+def _keyed(pairs: list[tuple[int | None, str]]) -> list[dict]:
+    return [{"question_id": i, "answer": a} for i, a in pairs]
+
+
+def test_duplicate_ids_are_refused_not_last_wins() -> None:
+    """Old main kept the last of two answers to question 1 (here "Yes." then "No")."""
+    answers = _keyed([(q["question_id"], a) for q, a in zip(QUESTIONS, ANSWERS)]) + _keyed([(1, "No")])
+    with pytest.raises(InputError, match=r"question 1 is answered twice \(again in answer 9\)"):
+        pope_scores(answers, QUESTIONS)
+
+
+def test_answers_to_unknown_questions_are_refused_or_counted() -> None:
+    answers = _keyed([(q["question_id"], a) for q, a in zip(QUESTIONS, ANSWERS)]) + _keyed([(99, "yes")])
+    with pytest.raises(InputError, match="question 99, which is not in the question file"):
+        pope_scores(answers, QUESTIONS)
+    lenient = pope_scores(answers, QUESTIONS, extra="ignore")
+    assert lenient["extra_answers"] == 1
+    assert lenient["splits"] == pope_scores(answers[:-1], QUESTIONS)["splits"]  # the extra answer changes nothing
+
+
+def test_mixed_id_and_positional_answers_are_refused() -> None:
+    """Old main matched a file with some ids missing by position, silently."""
+    answers = _keyed([(q["question_id"], a) for q, a in zip(QUESTIONS, ANSWERS)])
+    answers[3]["question_id"] = None
+    with pytest.raises(InputError, match=r"mix records with and without question_id \(answer 4 has none\)"):
+        pope_scores(answers, QUESTIONS)
+
+
+def test_positional_matching_is_reported_and_empty_inputs_are_errors() -> None:
+    assert pope_scores(ANSWERS, QUESTIONS)["matched_by"] == "position"
+    keyed = _keyed([(q["question_id"], a) for q, a in zip(QUESTIONS, ANSWERS)])
+    assert pope_scores(keyed, QUESTIONS)["matched_by"] == "question_id"
+    with pytest.raises(InputError, match="no answers"):
+        pope_scores([], QUESTIONS)
+    with pytest.raises(InputError, match="no questions"):
+        pope_scores(ANSWERS, [])
+
+
+def test_pope_score_cli_refuses_bad_files_and_prints_pure_json(tmp_path: Path, capsys) -> None:
+    from vlmscope.cli import main
+
+    qpath = write_questions(QUESTIONS, tmp_path / "coco_pope_random.jsonl")
+    apath = tmp_path / "a.jsonl"
+
+    def score(rows: list[dict], *extra: str) -> int:
+        apath.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return main(["pope", "score", "--answers", str(apath), "--questions", str(qpath), *extra])
+
+    good = [{"question_id": q["question_id"], "answer": a} for q, a in zip(QUESTIONS, ANSWERS)]
+    for bad in (good + [good[0]], good + [{"question_id": 99, "answer": "yes"}],
+                [good[0], *({"answer": r["answer"]} for r in good[1:])], []):
+        assert score(bad) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ")
+    assert score(good + [{"question_id": 99, "answer": "yes"}], "--extra-answers", "ignore", "--json") == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)  # the whole of stdout is one JSON document
+    assert doc["extra_answers"] == 1 and doc["matched_by"] == "question_id"
+    assert doc["splits"]["random"]["n"] == 8 and "1 answers to other questions ignored" in captured.err

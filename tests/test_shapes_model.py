@@ -165,11 +165,11 @@ def test_shapes_eval_cli_json(capsys):
     from vlmscope.cli import main
 
     assert main(["shapes-eval", "--n", "3", "--seed", "5", "--json"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    metrics = json.loads(lines[-1])
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out)  # --json: stdout is one JSON document, the scenes go to stderr
     for key in ("object_recall", "pope_accuracy", "CHAIR_S", "CHAIR_I"):
         assert 0.0 <= metrics[key] <= 100.0
-    assert any(line.startswith("scene 0:") for line in lines)
+    assert any(line.startswith("scene 0:") for line in captured.err.splitlines())
 
 
 @pytest.mark.parametrize("argv", [["--n", "0"], ["--n", "2", "--decoding", "nosuch"],

@@ -125,8 +125,9 @@ class VLM:
                 scores=hyp.scores,
                 sequence_score=hyp.sequence_score,
                 image_tokens=int(image_tokens[row]),
-                decoding=getattr(method, "name", type(method).__name__),
-                interventions=[getattr(i, "name", type(i).__name__) for i in interventions],
+                # Full registry specs (every parameter), so a saved result says exactly what produced it.
+                decoding=_spec(method),
+                interventions=[_spec(i) for i in interventions],
                 extras={**hyp.extras, "seconds": elapsed / max(1, len(hypotheses))},
             ))
         return results
@@ -141,6 +142,15 @@ class VLM:
         from vlmscope.explain.flow import flow
 
         return flow(self, image, prompt, answer=answer, **kwargs)
+
+
+def _spec(method: Any) -> str:
+    from vlmscope.registry import spec_string
+
+    try:
+        return spec_string(method)
+    except TypeError:  # a method object not from a registry (tests, user subclasses)
+        return getattr(method, "name", type(method).__name__)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

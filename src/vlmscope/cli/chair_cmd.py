@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vlmscope.cli._common import print_json_line
+from vlmscope.cli._common import add_json_arg, emit_json, human_stream
 from vlmscope.errors import InputError
 
 
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--synonyms", choices=("legacy", "fixed"), default="legacy", help="synonym list variant (default legacy)")
     p.add_argument("--missing", choices=("error", "skip", "empty"), default="error", help="image ids absent from the ground truth")
     p.add_argument("--truncate-incomplete", action="store_true", help="drop text after the last period (64-token protocol)")
-    p.add_argument("--json", action="store_true", help="print the metrics as one JSON line last")
+    add_json_arg(p, "print only the metrics as one JSON object on stdout (the table goes to stderr)")
     p.add_argument("--save", type=Path, help="write metrics, counts, settings and per-caption details as JSON")
     p.set_defaults(func=_score)
 
@@ -46,6 +46,15 @@ def _score(args: argparse.Namespace) -> int:
     if args.captions is None:
         raise InputError("no captions given; pass --captions FILE.jsonl")
     captions = load_captions(args.captions, args.image_id_key, args.caption_key)
+    if not captions:
+        raise InputError(f"no captions in {args.captions}; CHAIR of nothing is undefined (not 0.0)")
+    ids = [c["image_id"] for c in captions]
+    if len(set(map(str, ids))) != len(ids):
+        seen: set[str] = set()
+        dup = next(i for i in ids if str(i) in seen or seen.add(str(i)))
+        raise InputError(f"image {dup} has several captions in {args.captions}; keep one caption per image")
+    if args.save is not None and args.save.is_dir():
+        raise InputError(f"--save {args.save} is a folder; name a .json file")
     source = args.coco_annotations or args.gt_objects
     if args.coco_annotations is not None and not args.coco_annotations.is_dir():
         raise InputError(f"COCO annotation folder not found: {args.coco_annotations}; pass an existing folder")
@@ -63,15 +72,18 @@ def _score(args: argparse.Namespace) -> int:
         args.save.parent.mkdir(parents=True, exist_ok=True)
         args.save.write_text(json.dumps(result.to_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     s = result.settings
-    print(f"CHAIR on {result.counts['captions']} captions ({s['normaliser']} normaliser, {s['synonyms']} synonyms)")
+    text = human_stream(args)
+    print(f"CHAIR on {result.counts['captions']} captions ({s['normaliser']} normaliser, {s['synonyms']} synonyms)",
+          file=text)
     for key in METRIC_KEYS:
-        print(f"  {key:<10} {result.metrics[key]:6.1f}")
+        print(f"  {key:<10} {result.metrics[key]:6.1f}", file=text)
     c = result.counts
-    print(f"  {c['hallucinated_mentions']} of {c['mentions']} mentions hallucinated in {c['hallucinated_captions']} captions")
+    print(f"  {c['hallucinated_mentions']} of {c['mentions']} mentions hallucinated in {c['hallucinated_captions']} "
+          "captions", file=text)
     if args.save is not None:
-        print(f"  details: {args.save}")
+        print(f"  details: {args.save}", file=text)
     if args.json:
-        print_json_line({k: result.metrics[k] for k in METRIC_KEYS})
+        emit_json({k: result.metrics[k] for k in METRIC_KEYS})
     return 0
 
 

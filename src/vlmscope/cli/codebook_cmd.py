@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vlmscope.cli._common import print_json_line
+from vlmscope.cli._common import check_device, min_int, print_json_line
 
 
 def register(subparsers: Any) -> None:
@@ -20,26 +20,26 @@ def register(subparsers: Any) -> None:
     build.add_argument("--model", required=True, help="hub id, local directory or built-in tiny model")
     build.add_argument("--images", required=True, help="directory of images (sorted by file name)")
     build.add_argument("--out", required=True, help="codebook file to write (a torch-saved fp16 tensor + .json)")
-    build.add_argument("--num-images", type=int, default=None, help="use the first N images")
+    build.add_argument("--num-images", type=min_int(1), default=None, help="use the first N images")
     build.add_argument("--preset", default="script", choices=["script", "llava15", "llava-next", "llava-ov"],
                        help="shipped construction settings (default: the reference scripts' defaults)")
     build.add_argument("--top1-prob-thres", type=float)
     build.add_argument("--jsd-value-thres", type=float)
     build.add_argument("--k-context", type=float)
     build.add_argument("--k-global", type=float)
-    build.add_argument("--cluster-nums", type=int, help="per-image DPC-KNN clusters")
+    build.add_argument("--cluster-nums", type=min_int(1), help="per-image DPC-KNN clusters")
     build.add_argument("--cluster-size-thres", type=int, help="largest per-image cluster whose tokens count")
-    build.add_argument("--prototype-cluster-nums", type=int, help="global DPC-KNN clusters")
+    build.add_argument("--prototype-cluster-nums", type=min_int(1), help="global DPC-KNN clusters")
     build.add_argument("--prototype-min-unique", type=int, dest="prototype_min_unique_sample_thres",
                        help="a global cluster is kept when it draws on more than this many images")
-    build.add_argument("--knn", type=int, help="neighbours for the DPC-KNN density")
+    build.add_argument("--knn", type=min_int(1), help="neighbours for the DPC-KNN density")
     build.add_argument("--divergence", choices=["reference", "jsd"],
                        help="reference: as the reference code computes it (default); jsd: textbook JSD")
     build.add_argument("--prompt", help="the single-word prompt of the probes")
     build.add_argument("--skip-first-token", help="first answer token to skip (default 'A'; 'none' disables)")
     build.add_argument("--pad-token-id", type=int, help="token whose input embedding blanks ablated tokens")
     build.add_argument("--seed", type=int)
-    build.add_argument("--batch-size", type=int, help="probe prompts per forward")
+    build.add_argument("--batch-size", type=min_int(1), help="probe prompts per forward")
     build.add_argument("--device", default=None)
     build.add_argument("--dtype", default=None, help="float32, float16, bfloat16")
     build.add_argument("--no-progress", action="store_true")
@@ -65,7 +65,7 @@ def run_build(args: argparse.Namespace) -> int:
         overrides["skip_first_token"] = None if args.skip_first_token.lower() == "none" else args.skip_first_token
     settings = BuildSettings.preset(args.preset, **overrides)
     list_images(args.images, args.num_images)  # bad input fails before the model loads
-    vlm = load(args.model, device=args.device, dtype=args.dtype)
+    vlm = load(args.model, device=check_device(args.device), dtype=args.dtype)
     result = build_codebook(vlm, args.images, args.out, settings, num_images=args.num_images,
                             progress=not args.no_progress)
     summary = {"out": str(result.path), "prototypes": result.prototypes, "candidates": result.candidates,

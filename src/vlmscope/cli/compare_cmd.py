@@ -33,6 +33,16 @@ def _load(run: Path) -> dict:
     return data
 
 
+# Settings shown before the metrics, when the runs record them: what produced the numbers.
+SETTING_COLUMNS = ("decoding", "interventions", "max_new_tokens", "protocol")
+
+
+def _setting_text(value: object) -> str:
+    if isinstance(value, list | tuple):
+        return " + ".join(map(str, value)) or "none"
+    return "" if value is None else str(value)
+
+
 def _compare(args: argparse.Namespace) -> int:
     from vlmscope.eval.runner import metrics_markdown
 
@@ -46,5 +56,11 @@ def _compare(args: argparse.Namespace) -> int:
         unknown = [c for c in columns if c not in known]
         if unknown:
             raise InputError(f"unknown metric {unknown[0]!r}; choose from {', '.join(sorted(known))}")
-    print(metrics_markdown([(n, data["metrics"]) for n, (_, data) in zip(names, loaded)], columns), end="")
+    else:
+        columns = list(dict.fromkeys(k for _, data in loaded for k in data["metrics"]))
+    settings = [data.get("settings") if isinstance(data.get("settings"), dict) else {} for _, data in loaded]
+    shown = [c for c in SETTING_COLUMNS if any(c in s for s in settings)]
+    rows = [(n, {**{c: _setting_text(s.get(c)) for c in shown}, **data["metrics"]})
+            for n, s, (_, data) in zip(names, settings, loaded)]
+    print(metrics_markdown(rows, [*shown, *columns]), end="")
     return 0

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import html
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
+
+from vlmscope.cli._common import min_int
 
 # Methods shown side by side when registered (decoding spec, intervention specs).
 DEMO_METHODS = [
@@ -18,13 +22,19 @@ DEMO_METHODS = [
     ("aai", "greedy", ["aai:alpha=0.5"]),
 ]
 HEADS_SHOWN = 3  # localization heads drawn per scene
+# What a demo writes into --out; a re-run replaces exactly these and refuses a folder holding anything else.
+OWNED = ("report.html", "report.json", "scene*.png", "heads", "explain", "flow")
+
+
+def _owned(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in OWNED)
 
 
 def register(sub: Any) -> None:
     parser = sub.add_parser("demo", help="run the tool end to end on the embedded model (CPU, no download)")
     parser.add_argument("--out", default="vlmscope-demo", help="output directory (report.html inside)")
     parser.add_argument("--model", default=None, help="model to demo (default: the embedded shapes model)")
-    parser.add_argument("--n", type=int, default=100, help="scenes per method for CHAIR/POPE (shapes model)")
+    parser.add_argument("--n", type=min_int(1), default=100, help="scenes per method for CHAIR/POPE (shapes model)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--world", choices=("auto", "shapes", "none"), default="auto",
                         help="scene world with ground truth (auto: shapes for the shapes model; set shapes for a "
@@ -68,7 +78,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise InputError(f"--n must be at least 1 (got {args.n})")
-    out = Path(args.out)
+    from vlmscope.cli._common import check_out_dir
+
+    out = check_out_dir(args.out, _owned, "demo")
+    if out.is_dir():  # a previous demo: its files go, so no stale figure survives beside the new report
+        for path in list(out.iterdir()):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     model_name = args.model or ("shapes" if "shapes" in builtin_names() else "tiny-llava")
     note = ""

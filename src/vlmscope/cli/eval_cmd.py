@@ -1,12 +1,18 @@
-"""`vlmscope eval chair|pope`: resumable, batched, sharded evaluation runs on COCO-2014."""
+"""`vlmscope eval chair|pope`: resumable, batched, sharded evaluation runs on COCO-2014.
+
+Everything that determines the numbers goes into one settings dict (`_settings_chair` / `_settings_pope`),
+which binds the run folder (`vlmscope.eval.runs`): add a new setting there. All inputs are checked before
+the model loads and before the folder is created, so a typo costs neither a checkpoint load nor a folder.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
-from vlmscope.cli._common import add_method_args
+from vlmscope.cli._common import add_json_arg, add_method_args, check_device, emit_json, min_int
 from vlmscope.errors import InputError
 
 
@@ -16,69 +22,144 @@ def register(sub: Any) -> None:
     parser.add_argument("--config", default=None, help="eval_configs/X.yaml")
     parser.add_argument("--model", default=None, help="overrides the config's model")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: the config's)")
     parser.add_argument("--data-path", required=True, help="directory holding COCO_val2014_*.jpg images")
-    parser.add_argument("--out", required=True, help="run directory (results, metrics.json, metrics.md)")
+    parser.add_argument("--out", required=True, help="run directory (results, run.json, metrics.json, metrics.md)")
+    parser.add_argument("--force-new", action="store_true",
+                        help="discard the results stored in --out and start over (default: resume them)")
     parser.add_argument("--questions", nargs="+", default=None,
                         help="POPE question file(s) (JSON lines); several splits are scored side by side")
     parser.add_argument("--rule", default=None, help="POPE answer-parsing rule (default: official)")
     parser.add_argument("--gt-objects", default=None, help="CHAIR ground truth: {image_id: [objects]} JSON or "
                         "a COCO annotation directory (default: the shipped COCO-2014 cache)")
-    parser.add_argument("--num-images", type=int, default=None)
+    parser.add_argument("--num-images", type=min_int(1), default=None, help="images to caption (default: config)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--image-ids", default=None, help="file with one image id per line")
     parser.add_argument("--listing", choices=["sorted", "listdir"], default="sorted",
                         help="image order before the seeded shuffle (listdir reproduces a seed run on its machine)")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--batch-size", type=min_int(1), default=None)
+    parser.add_argument("--max-new-tokens", type=min_int(1), default=None)
     parser.add_argument("--prompt", default=None, help="CHAIR prompt (default: the config's)")
     add_method_args(parser)
+    add_json_arg(parser, "print the run's metrics and settings as one JSON object (progress and tables to stderr)")
     parser.set_defaults(func=run, decoding=None)
+
+
+def _pick(cli_value: Any, config_value: Any, default: Any = None) -> Any:
+    """The CLI value if given, else the config's, else `default` (0 and "" are values, not absent)."""
+    if cli_value is not None:
+        return cli_value
+    return default if config_value is None else config_value
 
 
 def run(args: argparse.Namespace) -> int:
     import vlmscope
     from vlmscope.decoding import DECODINGS
-    from vlmscope.eval.model_eval import current_shard, load_config, resolve_method
+    from vlmscope.eval.config import load_config
+    from vlmscope.eval.model_eval import answer_fn, caption_fn, current_shard, resolve_method
+    from vlmscope.eval.runs import RunFolder, run_chair_folder, run_pope_folder
     from vlmscope.interventions import INTERVENTIONS
+    from vlmscope.provenance import provenance
+    from vlmscope.registry import spec_string
 
     config = load_config(args.config)
-    model = args.model or config.model
-    shard = current_shard()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    decoding = resolve_method(args.decoding or config.decoding, config.methods, DECODINGS)
+    decoding = resolve_method(_pick(args.decoding, config.decoding), config.methods, DECODINGS)
     interventions = [resolve_method(s, config.methods, INTERVENTIONS)
                      for s in (args.intervention or config.interventions)]
-    batch_size = args.batch_size or config.batch_size
-    settings = {"model": model, "decoding": repr(decoding), "interventions": [repr(i) for i in interventions],
-                "batch_size": batch_size}
-    # Inputs are checked before the model loads: a typo should not cost a checkpoint load.
+    device = check_device(args.device or config.device)
+    common = {"model": _pick(args.model, config.model), "revision": None, "dtype": _pick(args.dtype, config.dtype),
+              "decoding": spec_string(decoding), "interventions": [spec_string(i) for i in interventions],
+              "batch_size": _pick(args.batch_size, config.batch_size, 8)}
     if args.task == "chair":
-        from vlmscope.eval.coco import coco_items
-
-        opts = config.chair
-        items = coco_items(args.data_path, args.num_images or opts.get("num_images"),
-                           args.seed if args.seed is not None else opts.get("seed"), args.image_ids, args.listing)
-        if not items:
-            raise InputError(f"no images to caption in {args.data_path}; check --data-path and --num-images")
-        prompt = args.prompt or opts.get("prompt", "Please describe this image in detail.")
-        max_new = args.max_new_tokens or opts.get("max_new_tokens", 512)
-        settings.update(prompt=prompt, max_new_tokens=max_new, num_images=len(items))
+        settings, items = _settings_chair(args, config, common)
+        folder = RunFolder(Path(args.out), "eval-chair", settings)
     else:
-        opts = config.pope
-        questions = _pope_questions(args.questions, args.data_path)
-        max_new = args.max_new_tokens or opts.get("max_new_tokens", 16)
-        rule = args.rule or opts.get("rule", "official")
-        settings.update(questions=[str(q) for q in args.questions], max_new_tokens=max_new, rule=rule)
-    vlm = vlmscope.load(model, device=args.device or shard.device or config.device, dtype=args.dtype or config.dtype)
+        settings, questions = _settings_pope(args, config, common)
+        folder = RunFolder(Path(args.out), "eval-pope", settings)
+    # Cheap refusal first; the revision and the loaded dtype are known once the model is loaded.
+    folder.check(args.force_new, ignore=("revision", "dtype"))
+    shard = current_shard()
+    vlm = vlmscope.load(settings["model"], device=shard.device or device, dtype=settings["dtype"])
+    settings["revision"] = getattr(vlm.model.config, "_commit_hash", None)
+    settings["dtype"] = str(vlm.dtype).replace("torch.", "")
+    folder.check(args.force_new)
+    record = provenance(model_id=vlm.model_id, revision=settings["revision"], decoding=decoding,
+                        interventions=interventions, seed=settings.get("seed"), device=vlm.device, dtype=vlm.dtype)
+    out = sys.stderr if args.json else sys.stdout
     if args.task == "chair":
-        _run_chair(vlm, shard, out, items, prompt, max_new, decoding, interventions, batch_size,
-                   args.gt_objects, settings)
+        fn = caption_fn(vlm, settings["prompt"], settings["max_new_tokens"], decoding, interventions)
+        report = run_chair_folder(folder, items, fn, shard, settings["batch_size"], record,
+                                  gt_objects=args.gt_objects, force_new=args.force_new)
     else:
-        _run_pope(vlm, shard, out, questions, args.data_path, opts.get("prompt_suffix", ""), max_new, rule,
-                  decoding, interventions, batch_size, settings)
+        fn = answer_fn(vlm, settings["prompt_suffix"], settings["max_new_tokens"], decoding, interventions)
+        report = run_pope_folder(folder, questions, fn, shard, settings["batch_size"], record,
+                                 image_root=args.data_path, rule=settings["rule"], force_new=args.force_new)
+    if report.payload is None:  # not the main process: the main one scores and prints
+        return 0
+    print((folder.path / "metrics.md").read_text(encoding="utf-8"), end="", file=out)
+    metrics = report.payload["metrics"]
+    if args.task == "chair":
+        print(f"CHAIR_S {metrics['CHAIR_S']:.1f}  CHAIR_I {metrics['CHAIR_I']:.1f}  → {folder.path}", file=out)
+    print(f"{report.reused} stored rows reused, {report.computed} computed", file=out)
+    if args.json:
+        emit_json({"kind": folder.kind, "out": str(folder.path), "metrics": metrics,
+                   "splits": report.payload.get("splits"), "n_items": report.payload["n_items"],
+                   "reused": report.reused, "computed": report.computed, "settings": folder.settings})
     return 0
+
+
+def _settings_chair(args: argparse.Namespace, config: Any, common: dict[str, Any]
+                    ) -> tuple[dict[str, Any], list[tuple[int, str]]]:
+    from vlmscope.eval.coco import coco_items
+    from vlmscope.eval.runs import ids_digest
+
+    opts = config.chair
+    if args.gt_objects is not None and not Path(args.gt_objects).exists():
+        raise InputError(f"ground truth not found: {args.gt_objects}; pass a JSON file or a COCO annotation folder")
+    num_images = _pick(args.num_images, opts.get("num_images"))
+    seed = _pick(args.seed, opts.get("seed"))
+    items = coco_items(args.data_path, num_images, seed, args.image_ids, args.listing)
+    if not items:
+        raise InputError(f"no images to caption in {args.data_path}; check --data-path and --num-images")
+    settings = {
+        **common,
+        "prompt": _pick(args.prompt, opts.get("prompt"), "Please describe this image in detail."),
+        "max_new_tokens": _pick(args.max_new_tokens, opts.get("max_new_tokens"), 512),
+        "data_path": str(Path(args.data_path).resolve()),
+        "image_ids_file": None if args.image_ids is None else str(Path(args.image_ids).resolve()),
+        "listing": args.listing,
+        "seed": seed,
+        "num_images": len(items),
+        "images": ids_digest([i for i, _ in items]),
+        "gt_objects": args.gt_objects or "builtin",
+    }
+    return settings, items
+
+
+def _settings_pope(args: argparse.Namespace, config: Any, common: dict[str, Any]
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from vlmscope.eval.pope import RULES, question_file_info
+    from vlmscope.eval.runner import question_key
+    from vlmscope.eval.runs import ids_digest
+
+    opts = config.pope
+    rule = _pick(args.rule, opts.get("rule"), "official")
+    if rule not in RULES:
+        raise InputError(f"unknown POPE rule {rule!r}; use one of {', '.join(sorted(RULES))}")
+    questions = _pope_questions(args.questions, args.data_path)
+    files = [question_file_info(f) for f in args.questions]
+    settings = {
+        **common,
+        "prompt_suffix": _pick(None, opts.get("prompt_suffix"), ""),
+        "max_new_tokens": _pick(args.max_new_tokens, opts.get("max_new_tokens"), 16),
+        "data_path": str(Path(args.data_path).resolve()),
+        "questions": [{"path": str(Path(f["path"]).resolve()), "sha256": f["sha256"], "lines": f["lines"]}
+                      for f in files],
+        "num_questions": len(questions),
+        "question_keys": ids_digest([question_key(q) for q in questions]),
+        "rule": rule,
+    }
+    return settings, questions
 
 
 def _pope_questions(files: list[str] | None, data_path: str) -> list[dict[str, Any]]:
@@ -90,68 +171,9 @@ def _pope_questions(files: list[str] | None, data_path: str) -> list[dict[str, A
     if not root.is_dir():
         raise InputError(f"image folder not found: {root}; pass the COCO val2014 folder as --data-path")
     questions = [q for f in files for q in load_questions(f)]
+    if not questions:
+        raise InputError(f"no questions in {', '.join(files)}; pass POPE question files with one question a line")
     missing = sorted({q["image"] for q in questions if not (root / q["image"]).is_file()})
     if missing:
         raise InputError(f"{len(missing)} POPE images are not in {root} (first: {missing[0]}); check --data-path")
     return questions
-
-
-def _shard_path(out: Path, name: str, shard: Any) -> Path:
-    # One file per process: appends from several processes never interleave; the main process merges.
-    return out / name if shard.world_size == 1 else out / "shards" / f"{name}.rank{shard.rank}"
-
-
-def _todo(items: list[Any], key: Any, shard: Any, final: Any) -> list[Any]:
-    from vlmscope.eval.store import shard as take_shard
-
-    # Rows merged into the final file by an earlier (differently sharded) run count as done.
-    return [it for it in take_shard(items, shard.rank, shard.world_size) if key(it) not in final]
-
-
-def _merge(out: Path, name: str, key: str, order: list[Any], shard: Any) -> None:
-    from vlmscope.eval.store import merge_shards
-
-    if shard.world_size > 1:
-        final = out / name
-        parts = ([final] if final.exists() else []) + sorted((out / "shards").glob(f"{name}.rank*"))
-        merge_shards(parts, final, key, order=order)
-
-
-def _run_chair(vlm, shard, out, items, prompt, max_new, decoding, interventions, batch_size, gt_source,
-               settings) -> None:
-    from vlmscope.eval.model_eval import caption_fn
-    from vlmscope.eval.runner import caption_images, score_chair
-    from vlmscope.eval.store import ResultStore
-
-    final = ResultStore(out / "captions.jsonl", "image_id")
-    todo = _todo(items, lambda it: it[0], shard, final)
-    store = final if shard.world_size == 1 else ResultStore(_shard_path(out, "captions.jsonl", shard), "image_id")
-    caption_images(todo, caption_fn(vlm, prompt, max_new, decoding, interventions), store, batch_size,
-                   desc=f"captions[{shard.rank}]")
-    shard.wait()
-    if not shard.is_main:
-        return
-    ids = [i for i, _ in items]
-    _merge(out, "captions.jsonl", "image_id", ids, shard)
-    payload = score_chair(ids, out / "captions.jsonl", gt_source, out, settings)
-    print((out / "metrics.md").read_text(), end="")
-    print(f"CHAIR_S {payload['metrics']['CHAIR_S']:.1f}  CHAIR_I {payload['metrics']['CHAIR_I']:.1f}  → {out}")
-
-
-def _run_pope(vlm, shard, out, questions, data_path, suffix, max_new, rule, decoding, interventions, batch_size,
-              settings) -> None:
-    from vlmscope.eval.model_eval import answer_fn
-    from vlmscope.eval.runner import answer_questions, question_key, score_pope
-    from vlmscope.eval.store import ResultStore
-
-    final = ResultStore(out / "answers.jsonl", "qkey")
-    todo = _todo(questions, question_key, shard, final)
-    store = final if shard.world_size == 1 else ResultStore(_shard_path(out, "answers.jsonl", shard), "qkey")
-    answer_questions(todo, answer_fn(vlm, suffix, max_new, decoding, interventions), store, batch_size,
-                     image_root=data_path, desc=f"answers[{shard.rank}]")
-    shard.wait()
-    if not shard.is_main:
-        return
-    _merge(out, "answers.jsonl", "qkey", [question_key(q) for q in questions], shard)
-    score_pope(questions, out / "answers.jsonl", rule, out, settings)
-    print((out / "metrics.md").read_text(), end="")

@@ -3,7 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import fnmatch
+
+from vlmscope.cli._common import (
+    add_json_arg,
+    check_device,
+    check_out_dir,
+    clear_owned,
+    emit_json,
+    human_stream,
+    min_int,
+)
+
+# What `ExplainResult.save` writes; a re-run into the same folder replaces exactly these.
+OWNED = ("attention.npz", "run.json", "overlay_*.png", "steps*.png")
+
+
+def _owned(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in OWNED)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="question or instruction")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=min_int(1), default=32)
     p.add_argument("--steps", default="all", help="all, or generated-token indices: 0,1,5 or 0-4 (0 = first token)")
     p.add_argument("--layers", default="all", help="all, 14, 0-3 or 10,14")
     p.add_argument("--heads", default="all", help="all, 13,24 or 0-7")
@@ -30,9 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reduce-op", default="mean", choices=["mean", "max", "sum"])
     p.add_argument("--scale", default="shared", choices=["shared", "per-map"],
                    help="colour scale shared across all overlays (comparable) or per map")
-    p.add_argument("--max-overlays", type=int, default=256, help="at most this many overlay PNGs")
+    p.add_argument("--max-overlays", type=min_int(0), default=256, help="at most this many overlay PNGs")
     p.add_argument("--no-overlays", action="store_true", help="only write attention.npz and run.json")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (a re-run replaces the files it wrote)")
+    add_json_arg(p, "print a JSON summary (generated text, map shape, files) on stdout")
     p.set_defaults(func=run)
 
 
@@ -48,15 +66,20 @@ def run(args: argparse.Namespace) -> int:
     parse_indices(args.steps, "step")
     parse_reduce(args.reduce)
     image = load_image(args.image)
-    vlm = vlmscope.load(args.model, device=args.device, dtype=args.dtype)
+    out = check_out_dir(args.out, _owned, "explain")
+    vlm = vlmscope.load(args.model, device=check_device(args.device), dtype=args.dtype)
     check_range(layers, vlm.adapter.num_layers, "layer")
     check_range(heads, vlm.adapter.num_heads, "head")
     result = explain(vlm, image, args.prompt, steps=args.steps, layers=layers or "all",
                      heads=heads or "all", reduce=args.reduce, reduce_op=args.reduce_op, scale=args.scale,
                      max_new_tokens=args.max_new_tokens)
-    written = result.save(args.out, overlays=not args.no_overlays, max_overlays=args.max_overlays)
-    print(f"generated: {result.text!r}")
-    print(f"maps {list(result.maps.shape)} (steps, layers, heads, grid_h, grid_w) → {written['npz']}")
-    print(f"{len(written['overlays'])} overlays, {len(written['figures'])} step figure(s) in {args.out}")
-    sys.stdout.flush()
+    clear_owned(out, _owned)
+    written = result.save(out, overlays=not args.no_overlays, max_overlays=args.max_overlays)
+    text = human_stream(args)
+    print(f"generated: {result.text!r}", file=text)
+    print(f"maps {list(result.maps.shape)} (steps, layers, heads, grid_h, grid_w) → {written['npz']}", file=text)
+    print(f"{len(written['overlays'])} overlays, {len(written['figures'])} step figure(s) in {out}", file=text)
+    text.flush()
+    if args.json:
+        emit_json({"text": result.text, "maps_shape": list(result.maps.shape), "out": str(out), "files": written})
     return 0

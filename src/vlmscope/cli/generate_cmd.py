@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vlmscope.cli._common import add_method_args, add_model_args, load_vlm, print_json_line
+from vlmscope.cli._common import add_method_args, add_model_args, load_vlm, min_int, print_json_line
+from vlmscope.errors import InputError
 
 
 def register(sub: Any) -> None:
@@ -13,9 +14,9 @@ def register(sub: Any) -> None:
     add_model_args(parser)
     parser.add_argument("--image", action="append", required=True, help="image file (repeat for a batch)")
     parser.add_argument("--prompt", action="append", required=True, help="prompt (one, or one per image)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=min_int(1), default=64)
     add_method_args(parser)
-    parser.add_argument("--json", action="store_true", help="print one JSON object per input")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per input (JSON lines)")
     parser.set_defaults(func=run)
 
     methods = sub.add_parser("methods", help="list decoding methods and interventions with their parameters")
@@ -23,6 +24,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if len(args.prompt) not in (1, len(args.image)):
+        raise InputError(f"{len(args.prompt)} prompts for {len(args.image)} images; give one prompt, or one per image")
     vlm = load_vlm(args)
     prompts = args.prompt * len(args.image) if len(args.prompt) == 1 else args.prompt
     results = vlm.generate(list(args.image), list(prompts), max_new_tokens=args.max_new_tokens,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
+from pathlib import Path
 
+from vlmscope.cli._common import add_json_arg, check_device, emit_json, human_stream, min_int
 from vlmscope.cli.explain_cmd import add_model_args
+from vlmscope.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,9 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--images", required=True, help="directory of images (or one image file)")
     p.add_argument("--prompt", required=True, help="e.g. a referring expression or question")
-    p.add_argument("--top", type=int, default=5, help="heads selected per image (default 5)")
-    p.add_argument("--min-layer", type=int, default=2, help="exclude layers below this (default 2: layers 0-1)")
-    p.add_argument("--out", default=None, help="write the ranking as JSON here")
+    p.add_argument("--top", type=min_int(1), default=5, help="heads selected per image (default 5)")
+    p.add_argument("--min-layer", type=min_int(0), default=2, help="exclude layers below this (default 2: layers 0-1)")
+    p.add_argument("--out", default=None, help="write the ranking as JSON here (a file; replaced if present)")
+    add_json_arg(p, "print the ranking as JSON on stdout (the table goes to stderr)")
     p.set_defaults(func=run)
 
 
@@ -26,16 +29,19 @@ def run(args: argparse.Namespace) -> int:
     from vlmscope.explain.heads import image_files, rank_heads
 
     images = image_files(args.images)  # fail on a bad directory before loading the model
-    if args.top < 1:
-        from vlmscope.errors import InputError
-
-        raise InputError("--top must be at least 1")
-    vlm = vlmscope.load(args.model, device=args.device, dtype=args.dtype)
+    if args.out is not None and Path(args.out).is_dir():
+        raise InputError(f"--out {args.out} is a folder; name the JSON file to write")
+    vlm = vlmscope.load(args.model, device=check_device(args.device), dtype=args.dtype)
     ranking = rank_heads(vlm, images, args.prompt, top_k=args.top, min_layer=args.min_layer)
-    print(f"{len(images)} image(s), top {args.top} heads per image; heads by selection frequency:")
-    print(ranking.table())
+    text = human_stream(args)
+    print(f"{len(images)} image(s), top {args.top} heads per image; heads by selection frequency:", file=text)
+    print(ranking.table(), file=text)
     if args.out:
         path = ranking.save(args.out)
-        print(f"saved {path}")
-    sys.stdout.flush()
+        print(f"saved {path}", file=text)
+    text.flush()
+    if args.json:
+        from vlmscope.explain._json import json_safe
+
+        emit_json(json_safe(ranking.to_json()))
     return 0

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vlmscope.cli._common import print_json_line
+from vlmscope.cli._common import add_json_arg, emit_json, human_stream, min_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,15 +24,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("official", "pope", "llava", "opera", "pai", "vcd", "exact", "lmms-eval"),
         help="answer-parsing rule (default official)",
     )  # fmt: skip
-    s.add_argument("--json", action="store_true", help="print the metrics as one JSON line last")
+    s.add_argument("--extra-answers", choices=("error", "ignore"), default="error",
+                   help="answers to questions not in the question files: an error (default), or counted and skipped")
+    add_json_arg(s, "print only the metrics as one JSON object on stdout (the table goes to stderr)")
     s.set_defaults(func=_score)
 
     b = sub.add_parser("build", help="build POPE question files from a COCO instances file")
     b.add_argument("--instances", type=Path, required=True, help="COCO instances JSON, e.g. instances_val2014.json")
     b.add_argument("--split", choices=("random", "popular", "adversarial", "all"), default="all")
     b.add_argument("--out", type=Path, required=True, help="output folder")
-    b.add_argument("--num-images", type=int, default=500)
-    b.add_argument("--num-questions", type=int, default=3, help="yes/no pairs per image (default 3)")
+    b.add_argument("--num-images", type=min_int(1), default=500)
+    b.add_argument("--num-questions", type=min_int(1), default=3, help="yes/no pairs per image (default 3)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--legacy-article-bug", action="store_true", help='reproduce "an ... in the imange?"')
     b.add_argument("--plural-aware", action="store_true", help='"Are there skis ..." instead of "Is there a skis ..."')
@@ -44,25 +46,26 @@ def _score(args: argparse.Namespace) -> int:
 
     questions = [q for path in args.questions for q in load_questions(path)]
     answers = load_answers(args.answers)
-    # Without question ids the answers must follow the question order.
-    if not all(a.get("question_id") is not None for a in answers):
-        answers = [a["answer"] for a in answers]
-    out = pope_scores(answers, questions, rule=args.rule)
-    print(f"POPE, {out['n_questions']} questions, rule {out['rule']}")
+    out = pope_scores(answers, questions, rule=args.rule, extra=args.extra_answers)
+    text = human_stream(args)
+    print(f"POPE, {out['n_questions']} questions, rule {out['rule']}, answers matched by {out['matched_by']}"
+          + (f", {out['extra_answers']} answers to other questions ignored" if out["extra_answers"] else ""),
+          file=text)
     header = f"  {'split':<12}" + "".join(f"{m:>10}" for m in METRIC_NAMES) + f"{'unparsed':>10}"
-    print(header)
+    print(header, file=text)
     for split, m in out["splits"].items():
-        print(f"  {split:<12}" + "".join(f"{m[k]:10.1f}" for k in METRIC_NAMES) + f"{m['unparsed']:10d}")
+        print(f"  {split:<12}" + "".join(f"{m[k]:10.1f}" for k in METRIC_NAMES) + f"{m['unparsed']:10d}", file=text)
     if len(out["splits"]) > 1:
-        print(f"  {'mean':<12}" + "".join(f"{out['mean'][k]:10.1f}" for k in METRIC_NAMES))
+        print(f"  {'mean':<12}" + "".join(f"{out['mean'][k]:10.1f}" for k in METRIC_NAMES), file=text)
     if args.json:
-        print_json_line(
-            {
-                "rule": out["rule"],
-                "splits": {s: {k: m[k] for k in METRIC_NAMES} for s, m in out["splits"].items()},
-                "mean": out["mean"],
-            }
-        )
+        emit_json({
+            "rule": out["rule"],
+            "n_questions": out["n_questions"],
+            "matched_by": out["matched_by"],
+            "extra_answers": out["extra_answers"],
+            "splits": {s: {k: m[k] for k in (*METRIC_NAMES, "n", "unparsed", "empty")} for s, m in out["splits"].items()},
+            "mean": out["mean"],
+        })
     return 0
 
 

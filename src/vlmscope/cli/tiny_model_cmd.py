@@ -17,7 +17,13 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vlmscope.errors import InputError
     from vlmscope.models.tiny import save_tiny
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InputError(f"--out {args.out} is a file; name a folder for the model")
 
     out = save_tiny(args.arch, args.out, seed=args.seed)
     print(f"wrote a tiny {args.arch} model to {out}")

@@ -1,4 +1,4 @@
-"""The model side of the evaluation runners: configs, callables that caption / answer, accelerate sharding.
+"""The model side of the evaluation runners: callables that caption / answer, accelerate sharding.
 
 The runners themselves (`vlmscope.eval.runner`) only see callables, so metrics and resumption are tested
 without a model; this module turns a `VLM` plus a decoding method and interventions into those callables.
@@ -7,43 +7,12 @@ without a model; this module turns a `VLM` plus a decoding method and interventi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from vlmscope.errors import InputError
+from vlmscope.eval.config import EvalConfig, load_config
 
-
-@dataclass
-class EvalConfig:
-    model: str = "tiny-llava"
-    dtype: str | None = None
-    device: str | None = None
-    batch_size: int = 8
-    decoding: Any = "greedy"
-    interventions: list[Any] = field(default_factory=list)
-    chair: dict[str, Any] = field(default_factory=dict)
-    pope: dict[str, Any] = field(default_factory=dict)
-    methods: dict[str, Any] = field(default_factory=dict)
-
-
-def load_config(path: str | Path | None) -> EvalConfig:
-    if path is None:
-        return EvalConfig()
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"config file not found: {path} (see eval_configs/ for examples)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"cannot parse {path}: {exc.__class__.__name__}") from None
-    known = set(EvalConfig.__dataclass_fields__)
-    unknown = set(data) - known
-    if unknown:
-        raise InputError(f"unknown keys in {path}: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-    return EvalConfig(**data)
+__all__ = ["EvalConfig", "Shard", "answer_fn", "caption_fn", "current_shard", "load_config", "resolve_method"]
 
 
 def resolve_method(spec: Any, defaults: dict[str, Any], registry: Any) -> Any:

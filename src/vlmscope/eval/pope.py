@@ -228,18 +228,36 @@ def _answer_text(answer: Any) -> Any:
 
 
 def pope_scores(
-    answers: Iterable[Mapping[str, Any] | str], questions: Iterable[Mapping[str, Any]], rule: str = "official"
+    answers: Iterable[Mapping[str, Any] | str],
+    questions: Iterable[Mapping[str, Any]],
+    rule: str = "official",
+    extra: str = "error",
 ) -> dict[str, Any]:
     """Accuracy, Precision, Recall, F1 and yes-ratio (percent) per split, their mean over splits, and counts.
 
-    Answers are matched to questions by ``question_id`` when every answer has one, otherwise by position.
+    Answers are matched to questions by ``question_id`` when every answer has one, by position when none
+    has (``matched_by`` in the result says which). Scoring never guesses: an empty input, answers mixing
+    both forms, an id answered twice, a question without an answer and (unless ``extra="ignore"``, which
+    counts them as ``extra_answers``) answers to questions not in `questions` are errors.
     A question's split is its ``split`` (or ``category``) field, ``"all"`` if absent.
     """
     if rule not in RULES:
         raise InputError(f"unknown answer rule {rule!r}; use one of {', '.join(sorted(RULES))}")
+    if extra not in ("error", "ignore"):
+        raise InputError(f"extra must be 'error' or 'ignore', got {extra!r}")
     qs = list(questions)
     ans = list(answers)
-    keyed = bool(ans) and all(isinstance(a, Mapping) and a.get("question_id") is not None for a in ans)
+    if not qs:
+        raise InputError("no questions to score; pass a non-empty POPE question file")
+    if not ans:
+        raise InputError("no answers to score; the answers file is empty")
+    has_id = [isinstance(a, Mapping) and a.get("question_id") is not None for a in ans]
+    if any(has_id) and not all(has_id):
+        first = has_id.index(False) + 1
+        raise InputError(f"answers mix records with and without question_id (answer {first} has none); "
+                         "give every answer its question_id, or none (then answers follow the question order)")
+    keyed = all(has_id)
+    extra_answers = 0
     if keyed:
         # Answers that name their split are matched on (split, id): ids restart in every official file.
         with_split = all(a.get("split") is not None for a in ans)
@@ -253,9 +271,20 @@ def pope_scores(
                 "question ids repeat (several splits?); give answers a split field, score each split separately, "
                 "or give answers in question order"
             )
+        known = set(ids)
         by_id: dict[Any, Any] = {}
-        for a in ans:
-            by_id[qkey(a)] = _answer_text(a)
+        for position, a in enumerate(ans, 1):
+            k = qkey(a)
+            if k in by_id:
+                raise InputError(f"question {k} is answered twice (again in answer {position}); keep one answer "
+                                 "per question")
+            if k not in known:
+                if extra == "ignore":
+                    extra_answers += 1
+                    continue
+                raise InputError(f"answer {position} is for question {k}, which is not in the question file(s); "
+                                 "check the files match (or pass --extra-answers ignore to count and skip them)")
+            by_id[k] = _answer_text(a)
         missing = [k for k in ids if k not in by_id]
         if missing:
             raise InputError(f"{len(missing)} questions have no answer (first: {missing[0]}); answer every question")
@@ -275,7 +304,8 @@ def pope_scores(
         empty[split] += text is None or not str(text).strip()
     splits = {name: {**_metrics(*groups[name]), "empty": empty[name]} for name in groups}
     mean = {k: sum(s[k] for s in splits.values()) / len(splits) for k in METRIC_NAMES} if splits else {}
-    return {"rule": rule, "n_questions": len(qs), "splits": splits, "mean": mean}
+    return {"rule": rule, "n_questions": len(qs), "matched_by": "question_id" if keyed else "position",
+            "extra_answers": extra_answers, "splits": splits, "mean": mean}
 
 
 # ---------------------------------------------------------------------------------------------------------
