@@ -7,9 +7,10 @@ causal/padding mask for unknown keys).
 
 Two scopes, so that no forward pays for a module walk:
 - `attention_engine(model)`: switches the language model's attention implementation to "vlmscope" (one walk
-  over the modules) and restores it when the last user leaves. It is reference-counted per model under a lock:
-  a `GenerationRun` (or `VLM`) enters it once, nested and concurrent entries (other threads) only count, so
-  one thread can never switch the model back while another still runs a plan.
+  over the modules) and restores it when the last user leaves. It is reference-counted per model under a lock
+  (`switched_attention`, also used for AAI's eager vision tower): a `GenerationRun` enters it once, nested
+  and concurrent entries (other threads) only count, so one thread can never switch the model back while
+  another still runs a plan.
 - `attention_plan(model, plan)`: makes `plan` the active plan of the current thread/task (a `ContextVar`),
   entering the engine if no enclosing scope did. Entering it per forward costs a lock and a counter, not a
   walk. Two threads with two plans on one model each see their own plan (the implementation is switched for
@@ -28,10 +29,10 @@ transformers internals this module relies on (each is covered by a test in tests
 - `transformers.integrations.sdpa_attention.sdpa_attention_forward(module, q, k, v, mask, dropout=, scaling=,
   **kwargs)`: the stock SDPA path of idle layers (test_idle_engine_equals_stock_sdpa).
 - `transformers.masking_utils.sdpa_mask`, registered for our key through `AttentionMaskInterface`
-  (test_padded_batch_is_masked_like_stock).
+  (test_idle_engine_equals_stock_sdpa, on a left-padded batch).
 - `config._attn_implementation` of the text sub-config, read to restore it (test_state_restored_after_exception)
   and to detect that `set_attn_implementation` skipped a class that cannot switch (it only logs a warning;
-  test_model_class_that_cannot_switch_raises).
+  test_model_class_that_cannot_switch_raises_in_every_entry_point).
 - attention modules' `layer_idx` and `num_key_value_groups` attributes (test_decoder_attention_modules).
 - the attention-function call convention: query/key/value `[B, heads, len, dim]`, output `[B, len, heads, dim]`
   plus weights, extra arguments as keyword arguments (test_attention_call_convention).
@@ -470,49 +471,76 @@ def _text_config_names(model: torch.nn.Module) -> dict[str, str]:
 
 
 @dataclass
-class _EngineUse:
+class _Switch:
     users: int
-    previous: dict[str, str]
+    implementation: str
+    previous: str
     switched: bool
 
 
 _ENGINE_LOCK = threading.Lock()
-_ENGINE_USES: weakref.WeakKeyDictionary[torch.nn.Module, _EngineUse] = weakref.WeakKeyDictionary()
+_SWITCHES: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, _Switch]] = weakref.WeakKeyDictionary()
 
 
-def _engine_switched(model: torch.nn.Module) -> bool:
-    use = _ENGINE_USES.get(model)
-    return use.switched if use is not None else all(v == ATTN_KEY for v in _text_config_names(model).values())
+def _current_impl(model: torch.nn.Module, sub_config: str) -> str:
+    config = model.config if sub_config == "" else getattr(model.config, sub_config)
+    return config._attn_implementation or "sdpa"
+
+
+def _text_key(model: torch.nn.Module) -> str:
+    return next(iter(_text_config_names(model)))
 
 
 @contextlib.contextmanager
-def attention_engine(model: torch.nn.Module) -> Iterator[None]:
-    """Route `model`'s language-model attention through the engine while any user is inside.
+def switched_attention(model: torch.nn.Module, sub_config: str, implementation: str) -> Iterator[bool]:
+    """Hold one attention implementation of `model` ("" = the model's own config, else a sub-config key such as
+    "text_config" or "vision_config") while any user is inside; yields whether transformers applied it.
 
-    The first entry switches the implementation (one walk over the modules); nested and concurrent entries only
-    count; the last exit restores the previous implementation, also after an exception.
+    Reference-counted per (model, sub-config) under a lock: the first entry switches (one walk over the
+    modules), nested and concurrent entries only count, the last exit restores the previous implementation,
+    also after an exception. Two users asking for different implementations of one sub-config at the same time
+    are refused.
     """
     with _ENGINE_LOCK:
-        use = _ENGINE_USES.get(model)
+        table = _SWITCHES.setdefault(model, {})
+        use = table.get(sub_config)
         if use is None:
-            previous = _text_config_names(model)
-            _set_impl(model, {k: ATTN_KEY for k in previous})
-            switched = all(v == ATTN_KEY for v in _text_config_names(model).values())
-            use = _ENGINE_USES[model] = _EngineUse(0, previous, switched)
+            previous = _current_impl(model, sub_config)
+            _set_impl(model, {sub_config: implementation})
+            use = table[sub_config] = _Switch(0, implementation, previous,
+                                              _current_impl(model, sub_config) == implementation)
+        elif use.implementation != implementation:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: {sub_config or 'the model'} attention is held on {use.implementation!r} "
+                f"by another run; it cannot run {implementation!r} at the same time (run them one after the other)"
+            )
         use.users += 1
     try:
-        yield
+        yield use.switched
     finally:
         with _ENGINE_LOCK:
             use.users -= 1
             if use.users == 0:
-                _ENGINE_USES.pop(model, None)
-                _set_impl(model, use.previous)
+                table.pop(sub_config, None)
+                _set_impl(model, {sub_config: use.previous})
+
+
+def _engine_switched(model: torch.nn.Module) -> bool:
+    use = _SWITCHES.get(model, {}).get(_text_key(model))
+    return use.switched if use is not None else _current_impl(model, _text_key(model)) == ATTN_KEY
+
+
+@contextlib.contextmanager
+def attention_engine(model: torch.nn.Module) -> Iterator[None]:
+    """Route `model`'s language-model attention through the engine while any user is inside (see
+    `switched_attention`: one switch for the outermost of nested and concurrent users)."""
+    with switched_attention(model, _text_key(model), ATTN_KEY):
+        yield
 
 
 def engine_users(model: torch.nn.Module) -> int:
     """How many scopes currently hold `model` on the engine (0: its own attention implementation)."""
-    use = _ENGINE_USES.get(model)
+    use = _SWITCHES.get(model, {}).get(_text_key(model))
     return use.users if use is not None else 0
 
 
@@ -530,7 +558,7 @@ def attention_plan(model: torch.nn.Module, plan: AttentionPlan) -> Iterator[Atte
 
 
 def _set_impl(model: torch.nn.Module, names: dict[str, str]) -> None:
-    if "" in names:
+    if "" in names and len(names) == 1:
         model.set_attn_implementation(names[""])
     else:
         model.set_attn_implementation(names)

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from vlmscope.attention.engine import EditContext
+from vlmscope.attention.engine import EditContext, switched_attention
 from vlmscope.decoding.session import GenerationRun
 from vlmscope.errors import InputError
 from vlmscope.interventions._common import (
@@ -149,12 +149,9 @@ def eager_vision(model: Any) -> Iterator[None]:
     config = model.config
     if "vision_config" not in getattr(config, "sub_configs", {}) or config.vision_config is None:
         raise InputError("aai: this model has no vision sub-config to switch to eager attention")
-    previous = config.vision_config._attn_implementation or "sdpa"
-    model.set_attn_implementation({"vision_config": "eager"})
-    try:
+    # Reference-counted: two runs in two threads share the switch instead of undoing each other's.
+    with switched_attention(model, "vision_config", "eager"):
         yield
-    finally:
-        model.set_attn_implementation({"vision_config": previous})
 
 
 def _received_attention(tower: Any, pixel_values: torch.Tensor, drop_cls: bool) -> torch.Tensor:
