@@ -242,8 +242,8 @@ class _OperaSearch:
     def search(self) -> list[Hypothesis]:
         run = self.run
         logits = self.start()
-        # One activation of the plan for the whole search (switching the attention implementation walks the
-        # model's modules; our own forwards then skip it, run.advance still nests its own).
+        # One activation of the plan for the whole search: our own forwards call the model directly (the run
+        # already holds the engine switch); run.advance nests its own activation, which costs no module walk.
         with attention_plan(run.model, run.plan):
             while any(s.active for s in self.samples):
                 logits = self._step(logits)
