@@ -192,6 +192,7 @@ def cannot_switch(monkeypatch, tiny_llava):
 
 
 def test_model_class_that_cannot_switch_raises_in_every_entry_point(cannot_switch, images):
+    from vlmscope.eval.model_eval import answer_fn
     from vlmscope.explain.flow import flow
     from vlmscope.explain.heads import image_attention
 
@@ -205,6 +206,8 @@ def test_model_class_that_cannot_switch_raises_in_every_entry_point(cannot_switc
         flow(vlm, images[0], PROMPTS[0], answer="a cat", layers=[1], cam=None)
     with pytest.raises(UnsupportedModelError, match="LlavaForConditionalGeneration"):
         image_attention(vlm, images[0], PROMPTS[0])
+    with pytest.raises(UnsupportedModelError, match="LlavaForConditionalGeneration"):  # POPE-style eval runs
+        answer_fn(vlm, "", 2, "greedy", ["truncate:layer=1"])([(images[0], "is there a cat ?")])
     # Without operations nothing needs the engine: plain generation still runs, and the model is as before.
     assert len(vlm.generate(images[0], PROMPTS[0], max_new_tokens=3).token_ids) == 3
     assert vlm.model.config.text_config._attn_implementation == "sdpa"
