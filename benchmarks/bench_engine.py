@@ -2,7 +2,12 @@
 
 1. idle engine: vlmscope greedy generate (own loop, engine registered, no ops) / stock SDPA `generate`;
 2. one captured layer (last row, image columns, every generated token) / stock `output_attentions=True` on
-   all layers (eager), time and peak memory.
+   all layers (eager), time and peak memory;
+3. the per-token cost of entering a plan: main before issue 13 switched the attention implementation on
+   every forward (two walks over the model's modules per token); now a run switches it once and each forward
+   only activates its plan. Measured side by side (interleaved repeats; CPU time of the process on CPU): the
+   entry alone (µs per forward) and a greedy generation with a plan op (PAI alpha=0 on every layer), ms per
+   token, with the old per-forward switch re-enacted.
 
 Default: a small LLaVA config with 576 image tokens (336 px, patch 14) on CPU. `--device cuda --full` uses
 LLaVA-1.5-7B shapes with random weights (needs a GPU with ~16 GB).
@@ -79,6 +84,96 @@ def variant(name: str, vlm, tokens: int, layer: int):
     raise ValueError(name)
 
 
+class _PerForwardSwitchRun:
+    """Mixin re-enacting main before issue 13: every forward switched the implementation in and back out."""
+
+    def _forward(self, **kwargs):
+        from vlmscope.attention.engine import ATTN_KEY, _set_impl, _text_config_names
+
+        previous = _text_config_names(self.model)
+        _set_impl(self.model, {k: ATTN_KEY for k in previous})
+        try:
+            return super()._forward(**kwargs)
+        finally:
+            _set_impl(self.model, previous)
+
+
+def plan_entry(vlm, tokens: int, repeats: int, device: str) -> dict[str, float]:
+    """Before/after of entering a plan: per forward (entry alone) and per generated token (greedy + PAI)."""
+    from vlmscope.attention.engine import (
+        ATTN_KEY,
+        AttentionPlan,
+        _set_impl,
+        _text_config_names,
+        attention_engine,
+        attention_plan,
+        decoder_attention_modules,
+    )
+    from vlmscope.decoding import DECODINGS
+    from vlmscope.decoding.session import GenerationRun
+    from vlmscope.interventions import INTERVENTIONS
+
+    model = vlm.model
+    plan = AttentionPlan(decoder_attention_modules(model))
+    entries = 200
+
+    def enter_before():
+        for _ in range(entries):
+            previous = _text_config_names(model)
+            _set_impl(model, {k: ATTN_KEY for k in previous})
+            _set_impl(model, previous)
+
+    def enter_after():
+        with attention_engine(model):  # what a run holds
+            for _ in range(entries):
+                with attention_plan(model, plan):
+                    pass
+
+    legacy_cls = type("PerForwardSwitchRun", (_PerForwardSwitchRun, GenerationRun), {})
+    greedy = DECODINGS.create("greedy")
+    pai = INTERVENTIONS.parse("pai:alpha=0,start=0")
+    batch = vlm.encode([image()], ["describe this image ."])
+
+    def generate(run_cls):
+        def fn():
+            with torch.no_grad(), run_cls(model, vlm.adapter, batch, [pai]) as run:
+                greedy.decode(run, tokens, [], 0)  # no EOS: exactly `tokens` tokens
+        return fn
+
+    variants = {"entry_before": enter_before, "entry_after": enter_after,
+                "generate_before": generate(legacy_cls), "generate_after": generate(GenerationRun)}
+    for fn in variants.values():
+        fn()  # warm-up
+    # Interleaved repeats (before, after, before, ...) so load from other processes hits both alike; on CPU the
+    # process's own CPU time (one thread) rather than wall time.
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            sync(device)
+            start = clock()
+            fn()
+            sync(device)
+            samples[name].append(clock() - start)
+    out = {name: statistics.median(values) for name, values in samples.items()}
+    out["entry_before"] /= entries
+    out["entry_after"] /= entries
+    out["generate_before"] /= tokens
+    out["generate_after"] /= tokens
+    return out
+
+
+def print_plan_entry(cost: dict[str, float], layers: int, modules: int) -> None:
+    print(f"entering a plan, per forward ({layers} decoder layers, {modules} modules): "
+          f"before {cost['entry_before'] * 1e6:.1f} us, after {cost['entry_after'] * 1e6:.2f} us "
+          f"({cost['entry_before'] / max(cost['entry_after'], 1e-12):.0f}x less)")
+    saved = cost["generate_before"] - cost["generate_after"]
+    expected = cost["entry_before"] - cost["entry_after"]  # one forward per token
+    print(f"greedy + pai:alpha=0 on every layer, per token: before {cost['generate_before'] * 1e3:.2f} ms, "
+          f"after {cost['generate_after'] * 1e3:.2f} ms (saved {saved * 1e3:.2f} ms per token, "
+          f"{saved / cost['generate_before'] * 100:.1f} %; the entry cost alone predicts {expected * 1e3:.2f} ms)")
+
+
 def measure_child(args) -> None:
     """Run one variant in this (fresh) process and print its peak-memory growth."""
     torch.set_num_threads(args.threads)
@@ -113,12 +208,19 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=4)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--plan-entry-only", action="store_true", help="only part 3 (before/after plan entry)")
     args = parser.parse_args()
     if args.child:
         measure_child(args)
         return
     torch.set_num_threads(args.threads)
     vlm = build(args.full, args.device)
+    layers, modules = vlm.adapter.num_layers, sum(1 for _ in vlm.model.modules())
+    if args.plan_entry_only:
+        print(f"config: {'LLaVA-1.5-7B shapes' if args.full else 'small'}, {args.tokens} new tokens, "
+              f"device {args.device}, median of {args.repeats}")
+        print_plan_entry(plan_entry(vlm, args.tokens, args.repeats, args.device), layers, modules)
+        return
     times = {}
     for name in ("stock_sdpa", "ours_idle"):
         fn = variant(name, vlm, args.tokens, args.layer)
@@ -152,6 +254,7 @@ def main() -> None:
               f"{times['ours_one_layer'] / times['stock_all_attentions']:.3f}x, peak memory "
               f"{peaks['ours_one_layer'] / max(1, peaks['stock_all_attentions']):.3f}x "
               f"({peaks['ours_one_layer'] / 2**20:.1f} MiB vs {peaks['stock_all_attentions'] / 2**20:.1f} MiB)")
+    print_plan_entry(plan_entry(vlm, args.tokens, args.repeats, args.device), layers, modules)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,13 @@ def _generate(vlm, images, intervention=None, max_new_tokens=5):
                         interventions=[intervention] if intervention is not None else None)
 
 
+def _keep_masks(vlm, images, intervention):
+    """The per-row keep masks of one run (they live in the run's state, not on the spec)."""
+    batch = vlm.encode(images, PROMPTS[: len(images)])
+    with torch.no_grad(), GenerationRun(vlm.model, vlm.adapter, batch, [intervention]) as run:
+        return run.state(intervention).keep_masks
+
+
 def _hooks(model):
     # transformers installs its own output-capturing hooks lazily on a first call: compare, do not expect none.
     return {name: (tuple(m._forward_hooks.values()), tuple(m._forward_pre_hooks.values()))
@@ -142,13 +149,13 @@ def test_selection_equals_numpy_rule(arch, llava, llava_next, codebook_file):
              dict(keep_ratio=0.3, score="double_softmax"), dict(keep_ratio=0.6, score="single_softmax")]
     for params in cases:
         intervention = CodebookPruning(path=str(codebook_file), **params)
-        _generate(vlm, images, intervention, max_new_tokens=1)
+        keep_masks = _keep_masks(vlm, images, intervention)
         score = params.get("score", "max_cosine")
         for row, (f, c) in enumerate(zip(feats, contents)):
             expected = _numpy_keep(_numpy_scores(f[c], prototypes, score), params.get("threshold"),
                                    params.get("keep_ratio"), score)
             assert 0 < expected.sum() < len(expected)
-            np.testing.assert_array_equal(intervention.keep_masks[row].numpy(), expected, err_msg=str(params))
+            np.testing.assert_array_equal(keep_masks[row].numpy(), expected, err_msg=str(params))
 
 
 @pytest.mark.parametrize("arch", ["llava", "llava_next"])
@@ -157,11 +164,12 @@ def test_kept_counts_fed_and_reported(arch, llava, llava_next, codebook_file):
     images = _images(vlm)
     intervention = CodebookPruning(path=str(codebook_file), keep_ratio=0.25)
     results = _generate(vlm, images, intervention)
+    keep_masks = _keep_masks(vlm, images, intervention)
     batch, _, contents = _stock_features(vlm, images)
     separators = 1 if arch == "llava_next" else 0  # one image_newline closes the flattened list
     for row, result in enumerate(results):
         kept = round(len(contents[row]) * 0.25)
-        assert int(intervention.keep_masks[row].sum()) == kept
+        assert int(keep_masks[row].sum()) == kept
         assert result.image_tokens == kept + separators
         assert result.image_tokens < int(batch.image_mask[row].sum())
     # What the language model saw: the KV cache holds exactly the compacted prompt.
@@ -195,7 +203,7 @@ def test_compacted_prompt_matches_stock_model(positions, llava, codebook_file):
     batch = vlm.encode(image, PROMPTS[:1])
     with torch.no_grad(), GenerationRun(vlm.model, vlm.adapter, batch, [intervention]) as run:
         ours = run.prefill()
-    keep = intervention.keep_masks[0]
+    keep = run.state(intervention).keep_masks[0]
     feats = vlm.model.get_image_features(pixel_values=batch.model_inputs["pixel_values"]).pooler_output[0]
     ids, mask = batch.input_ids[0], batch.image_mask[0]
     start, end = int(mask.nonzero()[0]), int(mask.nonzero()[-1]) + 1

@@ -143,3 +143,78 @@ def test_layer_and_head_range_checks(tiny_llava):
         tiny_llava.adapter.check_layer(4)
     with pytest.raises(InputError, match="0..3"):
         tiny_llava.adapter.check_head(7)
+
+
+# --- inputs are not mutated, options are real, one spec serves several runs -----------------------------------
+
+
+def test_encode_leaves_the_tokenizer_padding_side_alone(tiny_llava, images):
+    tokenizer = tiny_llava.adapter.tokenizer
+    before = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        batch = tiny_llava.encode(images, PROMPTS)
+        assert tokenizer.padding_side == "right"
+        short = int(batch.attention_mask.sum(dim=1).argmin())
+        assert batch.attention_mask[short, 0] == 0 and bool(batch.attention_mask[:, -1].all())  # left-padded
+        tiny_llava.generate(images, PROMPTS, max_new_tokens=2, interventions="pai:cfg=true,gamma=2")  # text-only too
+        assert tokenizer.padding_side == "right"
+    finally:
+        tokenizer.padding_side = before
+
+
+def test_load_forwards_attn_implementation(images, tmp_path):
+    from vlmscope.models.tiny import save_tiny
+
+    for ref in ("tiny-llava", str(save_tiny("llava", tmp_path / "saved"))):
+        vlm = vlmscope.load(ref, device="cpu", attn_implementation="eager")
+        assert vlm.model.config.text_config._attn_implementation == "eager"
+        assert vlm.model.config.vision_config._attn_implementation == "eager"
+        result = vlm.generate(images[0], PROMPTS[0], max_new_tokens=6, interventions="pai:alpha=0")
+        ref_tokens, _ = stock_generate(vlm, images[0], PROMPTS[0], max_new_tokens=6)
+        assert result.token_ids == strip_pad(ref_tokens, vlm.adapter.tokenizer.pad_token_id)
+        assert vlm.model.config.text_config._attn_implementation == "eager"  # restored after the run
+    with pytest.raises(InputError, match="attn_implementation='no-such-kernel'"):
+        vlmscope.load("tiny-llava", device="cpu", attn_implementation="no-such-kernel")
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(revision="main"), "revision cannot be used with the built-in model"),
+    (dict(device_map="auto"), "either device or device_map"),
+    (dict(quantization_config={"load_in_8bit": True}), "quantization_config cannot be used"),
+    (dict(num_beams=3), "unknown option"),
+])
+def test_load_options_errors(options, message):
+    with pytest.raises(InputError, match=message):
+        vlmscope.load("tiny-llava", device="cpu", **options)
+
+
+def test_one_decoding_spec_serves_two_runs(tiny_llava, images):
+    """Sampling keeps its random generator in the run, not on the spec: the same instance twice samples the
+    same tokens, as two fresh instances do."""
+    from vlmscope.decoding import DECODINGS
+
+    method = DECODINGS.parse("sample:seed=3,temperature=2")
+    first = tiny_llava.generate(images[0], PROMPTS[0], max_new_tokens=8, decoding=method).token_ids
+    second = tiny_llava.generate(images[0], PROMPTS[0], max_new_tokens=8, decoding=method).token_ids
+    fresh = tiny_llava.generate(images[0], PROMPTS[0], max_new_tokens=8, decoding="sample:seed=3,temperature=2")
+    assert first == second == fresh.token_ids
+    for name in DECODINGS.names():
+        assert DECODINGS.get(name).__dataclass_params__.frozen, name
+
+
+def test_eos_and_pad_come_from_the_adapter(tiny_llava):
+    from vlmscope.models.adapters import TextAdapter
+
+    adapter = tiny_llava.adapter
+    assert adapter.eos_token_ids() == [tiny_llava.model.generation_config.eos_token_id]
+    assert adapter.pad_token_id() == adapter.tokenizer.pad_token_id
+
+    class Bare:
+        generation_config = None
+
+    text = TextAdapter.__new__(TextAdapter)
+    text.model, text.tokenizer = Bare(), None
+    assert text.eos_token_ids() == [] and text.pad_token_id() == 0
+    Bare.generation_config = type("G", (), {"eos_token_id": [5, 7, 5], "pad_token_id": None})()
+    assert text.eos_token_ids() == [5, 7] and text.pad_token_id() == 5

@@ -7,7 +7,9 @@ FastV as the reference of the physical drop, and image independence under full t
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from vlmscope.api import VLM
 from vlmscope.attention.engine import AttentionPlan, Capture, decoder_attention_modules
 from vlmscope.decoding.base import DecodingMethod
-from vlmscope.decoding.session import GenerationRun
+from vlmscope.decoding.session import GenerationRun, Intervention
 from vlmscope.errors import InputError
 from vlmscope.interventions import INTERVENTIONS
 from vlmscope.interventions.aai import vision_reference
@@ -408,3 +410,76 @@ def test_model_state_restored_after_an_exception(vlm, baseline):
     assert model.config.vision_config._attn_implementation == before[1]
     # And the model still generates the baseline afterwards.
     assert _tokens(_generate(vlm, None, n=4)) == [r.token_ids[:4] for r in baseline]
+
+
+# --- specs are immutable, state lives in the run ------------------------------------------------------------------
+
+STATEFUL = ["pai:alpha=2.0,cfg=true,gamma=2", "aai:alpha=3.0,warmup=false", "fastv:k=1,ratio=0.5",
+            "truncate:layer=2,keep=4", "vcd:alpha=1.0"]
+
+
+def _greedy_interleaved(vlm, method, n=4):
+    """Two runs sharing one spec instance, stepped alternately by hand (greedy)."""
+    runs = [GenerationRun(vlm.model, vlm.adapter, vlm.encode([im], [p]), [method]) for im, p in zip(IMAGES, PROMPTS)]
+    tokens: list[list[int]] = [[], []]
+    with torch.no_grad(), runs[0], runs[1]:
+        logits = [run.prefill() for run in runs]
+        for step in range(n):
+            for i, run in enumerate(runs):
+                chosen = logits[i].argmax(-1)
+                tokens[i].append(int(chosen))
+                if step < n - 1:
+                    logits[i] = run.advance(chosen)
+    return tokens
+
+
+@pytest.mark.parametrize("spec", STATEFUL)
+def test_one_spec_instance_serves_two_runs_at_once(vlm, spec):
+    """The same instance in two interleaved runs and in two threads gives what each input gets alone."""
+    method = _intervention(spec)
+    alone = [vlm.generate(im, p, max_new_tokens=4, interventions=[method]).token_ids
+             for im, p in zip(IMAGES, PROMPTS)]
+    baseline = [vlm.generate(im, p, max_new_tokens=4).token_ids for im, p in zip(IMAGES, PROMPTS)]
+    assert alone != baseline, "the steering must be visible for a mix-up to show"
+    interleaved = _greedy_interleaved(vlm, method)
+    for row in range(2):
+        assert interleaved[row][: len(alone[row])] == alone[row]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        threaded = list(pool.map(lambda i: vlm.generate(IMAGES[i % 2], PROMPTS[i % 2], max_new_tokens=4,
+                                                        interventions=[method]).token_ids, range(4)))
+    assert threaded == alone * 2
+
+
+def test_specs_are_frozen():
+    for name in INTERVENTIONS.names():
+        cls = INTERVENTIONS.get(name)
+        assert dataclasses.fields(cls) == () or cls.__dataclass_params__.frozen, name
+    pai = _intervention("pai")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pai.alpha = 1.0
+
+
+def test_conflicts_are_checked_once_before_any_intervention_starts(vlm):
+    prepared = []
+
+    @dataclasses.dataclass
+    class Recorder(Intervention):
+        def prepare(self, run):
+            prepared.append(run)
+
+    with pytest.raises(InputError, match="pai and aai both re-weight"):
+        _generate(vlm, [Recorder(), _intervention("pai"), _intervention("aai")], n=2)
+    assert prepared == []
+    assert INTERVENTIONS.get("pai").conflicts_with == ("aai",)
+    assert INTERVENTIONS.get("fastv").conflicts_with == ("truncate",)
+
+
+@pytest.mark.parametrize("specs, message", [
+    (["codebook:path=cb.pt,keep_ratio=0.5", "codebook:path=cb.pt,threshold=0.5"], "'codebook' is given 2 times"),
+    (["vcd", "codebook:path=cb.pt,keep_ratio=0.5"], "codebook pruning and vcd"),
+    (["codebook:path=cb.pt,keep_ratio=0.5", "aai"], "codebook pruning and aai"),
+])
+def test_codebook_conflicts_are_declared(vlm, specs, message):
+    # Checked before any state exists: the codebook file is not even read.
+    with pytest.raises(InputError, match=message):
+        _generate(vlm, specs, n=2)

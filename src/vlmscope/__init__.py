@@ -13,8 +13,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlmscope.api import VLM
 
 
-def load(model: str, device: str | None = None, dtype: Any = None, **kwargs: Any) -> VLM:
-    """Load a vision-language model by hub id, local directory or built-in name (see `vlmscope.api.load`)."""
+def load(model: str, device: str | None = None, dtype: Any = None, **options: Any) -> VLM:
+    """Load a vision-language model by hub id, local directory or built-in name (see `vlmscope.api.load` for
+    the options: revision, attn_implementation, device_map, quantization_config)."""
     from vlmscope.api import load as _load
 
-    return _load(model, device=device, dtype=dtype, **kwargs)
+    allowed = {"revision", "attn_implementation", "device_map", "quantization_config"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise InputError(f"vlmscope.load() got unknown option(s) {', '.join(unknown)}; "
+                         f"options: {', '.join(sorted(allowed))}")
+    return _load(model, device=device, dtype=dtype, **options)

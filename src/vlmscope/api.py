@@ -1,4 +1,8 @@
-"""The public entry: `vlmscope.load(...)` → `VLM` with `generate`, `explain` and `flow`."""
+"""The public entry: `vlmscope.load(...)` → `VLM` with `generate`, `explain` and `flow`.
+
+This module sits on top of the package: it may import explain (lazily, in `VLM.explain` / `VLM.flow`), but
+nothing below it imports `vlmscope.api` (explain, flow and heads take a `VLM` as an argument).
+"""
 
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ class VLM:
         self.processor = processor
         self.model_id = model_id
         self.adapter: Adapter = adapter_for(model, processor)
+        self.revision: str | None = None  # the hub revision it was loaded at, for provenance
 
     @property
     def device(self) -> torch.device:
@@ -107,8 +112,8 @@ class VLM:
                        capture_plan: AttentionPlan | None = None) -> list[GenerationResult]:
         """Decode a prepared batch. `capture_plan`: an attention plan whose ops (captures) run in every forward."""
         tokenizer = self.adapter.tokenizer
-        eos_ids = _eos_ids(self.model, tokenizer)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+        eos_ids = self.adapter.eos_token_ids()
+        pad_id = self.adapter.pad_token_id()
         start = time.perf_counter()
         with torch.no_grad(), GenerationRun(self.model, self.adapter, batch, interventions,
                                             capture_plan=capture_plan) as run:
@@ -153,22 +158,19 @@ def _spec(method: Any) -> str:
         return getattr(method, "name", type(method).__name__)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids: list[int] = []
-    gen = getattr(model, "generation_config", None)
-    value = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if value is None:
-        value = tokenizer.eos_token_id
-    for v in value if isinstance(value, list | tuple) else [value]:
-        if v is not None and int(v) not in ids:
-            ids.append(int(v))
-    return ids
-
-
-def load(model: str, device: str | None = None, dtype: Any = None) -> VLM:
+def load(model: str, device: str | None = None, dtype: Any = None, *, revision: str | None = None,
+         attn_implementation: str | None = None, device_map: Any = None, quantization_config: Any = None) -> VLM:
     """Load by hub id (`llava-hf/llava-1.5-7b-hf`), local directory, or built-in name (`tiny-llava`, ...).
 
-    Nothing is downloaded unless `model` is a hub id.
+    Nothing is downloaded unless `model` is a hub id. The keyword options go to transformers'
+    `from_pretrained`: `revision` (hub branch, tag or commit), `attn_implementation` ("sdpa", "eager",
+    "flash_attention_2", ...: what the model runs outside vlmscope's plans; layers a plan touches run the
+    engine), `device_map` (accelerate placement; then `device` must be None) and `quantization_config`.
+    Built-in tiny models take only `attn_implementation`.
     """
-    hf_model, processor, model_id = load_model_and_processor(model, device=device, dtype=dtype)
-    return VLM(hf_model, processor, model_id)
+    hf_model, processor, model_id = load_model_and_processor(
+        model, device=device, dtype=dtype, revision=revision, attn_implementation=attn_implementation,
+        device_map=device_map, quantization_config=quantization_config)
+    vlm = VLM(hf_model, processor, model_id)
+    vlm.revision = revision
+    return vlm

@@ -1,4 +1,4 @@
-"""Reading images with errors that say what to fix."""
+"""Reading images and listing image folders, with errors that say what to fix (the one suffix list)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,24 @@ from pathlib import Path
 from typing import Any
 
 from vlmscope.errors import InputError
+
+# What counts as an image file everywhere (heads, codebook building, COCO folders).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def is_image_file(name: str | Path) -> bool:
+    return str(name).lower().endswith(IMAGE_SUFFIXES)
+
+
+def list_image_files(directory: str | Path) -> list[Path]:
+    """The image files of a directory, sorted by name; InputError when it is missing or holds none."""
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise InputError(f"image directory not found: {path}")
+    files = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p.name))
+    if not files:
+        raise InputError(f"no images in {path}: it holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files
 
 
 def load_image(image: Any) -> Any:

@@ -41,9 +41,8 @@ from vlmscope.codebook.dpc_knn import dpc_knn
 from vlmscope.codebook.features import SpanLayout, check_family, image_features, span_layout
 from vlmscope.codebook.io import save_codebook
 from vlmscope.errors import InputError, VlmscopeError
-from vlmscope.images import load_image
+from vlmscope.images import list_image_files, load_image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PARTS_FORMAT = "vlmscope.codebook-parts/1"
 REFERENCE_PROMPT = "What does this image show? You must provide a single word that best describes the image."
 
@@ -153,12 +152,7 @@ def list_images(images: str | Path | Sequence[str | Path], num_images: int | Non
     if num_images is not None and num_images < 1:
         raise InputError(f"--num-images must be at least 1, got {num_images}")
     if isinstance(images, str | Path):
-        directory = Path(images).expanduser()
-        if not directory.is_dir():
-            raise InputError(f"image directory not found: {directory}")
-        paths = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {directory}")
+        paths = list_image_files(images)
     else:
         paths = [Path(p) for p in images]
         if not paths:

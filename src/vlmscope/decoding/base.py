@@ -23,7 +23,11 @@ class Hypothesis:
 
 
 class DecodingMethod:
-    """Base: `decode(run, max_new_tokens, eos_ids, pad_id) -> one Hypothesis per input row`."""
+    """Base: `decode(run, max_new_tokens, eos_ids, pad_id) -> one Hypothesis per input row`.
+
+    Subclasses are frozen dataclasses (immutable specs): whatever one decode computes (beam state, a random
+    generator, OPERA's search) is made inside `decode`, so one instance serves any number of runs at once.
+    """
 
     name = "decoding"
 

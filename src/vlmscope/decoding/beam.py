@@ -53,7 +53,7 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @DECODINGS.register("beam")
-@dataclass
+@dataclass(frozen=True)
 class BeamSearch(DecodingMethod):
     num_beams: int = 5
     length_penalty: float = 1.0

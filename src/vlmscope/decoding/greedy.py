@@ -10,22 +10,27 @@ from vlmscope.decoding.base import DECODINGS, DecodingMethod, Hypothesis, eos_te
 
 
 @DECODINGS.register("greedy")
-@dataclass
+@dataclass(frozen=True)
 class Greedy(DecodingMethod):
     """Pick the most likely token at every step (stock `generate(do_sample=False, num_beams=1)`)."""
 
-    def choose(self, logprobs: torch.Tensor) -> torch.Tensor:
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The random generator of one decode (made per run, so one spec serves several runs)."""
+        return None
+
+    def choose(self, logprobs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return logprobs.argmax(dim=-1)
 
     def decode(self, run, max_new_tokens, eos_ids, pad_id):
         logits = run.prefill()
+        generator = self.generator(logits.device)
         n = logits.shape[0]
         eos = eos_tensor(eos_ids, logits.device)
         unfinished = torch.ones(n, dtype=torch.bool, device=logits.device)
         tokens, scores = [], []
         for step in range(max_new_tokens):
             logprobs = torch.log_softmax(logits, dim=-1)
-            chosen = self.choose(logprobs)
+            chosen = self.choose(logprobs, generator)
             score = logprobs.gather(1, chosen[:, None]).squeeze(1)
             chosen = torch.where(unfinished, chosen, torch.full_like(chosen, pad_id))
             tokens.append(chosen)
@@ -44,7 +49,7 @@ class Greedy(DecodingMethod):
 
 
 @DECODINGS.register("sample")
-@dataclass
+@dataclass(frozen=True)
 class Sample(Greedy):
     """Multinomial sampling with temperature / top-k / top-p, seeded for reproducibility."""
 
@@ -56,11 +61,13 @@ class Sample(Greedy):
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0 (use greedy for temperature 0)")
-        self._generator: torch.Generator | None = None
 
-    def choose(self, logprobs: torch.Tensor) -> torch.Tensor:
-        if self._generator is None or self._generator.device != logprobs.device:
-            self._generator = torch.Generator(device=logprobs.device).manual_seed(self.seed)
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+    def choose(self, logprobs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if generator is None:
+            generator = self.generator(logprobs.device)
         logits = logprobs / self.temperature
         if self.top_k > 0:
             kth = torch.topk(logits, min(self.top_k, logits.shape[-1])).values[:, -1:]
@@ -72,4 +79,4 @@ class Sample(Greedy):
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
         probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=self._generator).squeeze(1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -78,7 +78,7 @@ from vlmscope.decoding.opera_penalty import (
     window_log_scores,
 )
 from vlmscope.errors import InputError, UnsupportedModelError
-from vlmscope.models.adapters import Adapter, Batch
+from vlmscope.models.adapters import TextAdapter, text_batch
 
 IMAGE_BONUS_POSITIONS = 10  # reference: image-attention bonus while the window (candidate included) has <= 10 rows
 MIN_ROLLBACK_LOCATION = 10  # reference: never roll back to a summary token among the first 10 response tokens
@@ -86,7 +86,7 @@ REFERENCE_FILLER = -999.0  # the reference's stand-in for -inf
 
 
 @DECODINGS.register("opera")
-@dataclass
+@dataclass(frozen=True)
 class OperaDecoding(DecodingMethod):
     """OPERA beam search. Parameters and defaults as the reference code (shikiw/OPERA, `chair_eval.py`).
 
@@ -242,8 +242,8 @@ class _OperaSearch:
     def search(self) -> list[Hypothesis]:
         run = self.run
         logits = self.start()
-        # One activation of the plan for the whole search (switching the attention implementation walks the
-        # model's modules; our own forwards then skip it, run.advance still nests its own).
+        # One activation of the plan for the whole search: our own forwards call the model directly (the run
+        # already holds the engine switch); run.advance nests its own activation, which costs no module walk.
         with attention_plan(run.model, run.plan):
             while any(s.active for s in self.samples):
                 logits = self._step(logits)
@@ -656,30 +656,6 @@ def _flat_pairs(flat: torch.Tensor, vocab: int) -> list[list[int]]:
 
 # --- plain causal language models ------------------------------------------------------------------------------
 
-class TextAdapter(Adapter):
-    """Minimal adapter for a causal language model without images (OPERA with an explicit image span)."""
-
-    family = "text"
-
-
-def text_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               image_span: tuple[int, int] | None = None) -> Batch:
-    """A `Batch` for a plain language model: left-padded ids, optional image span (unpadded positions)."""
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    image_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-    if image_span is not None:
-        start, end = image_span
-        width = input_ids.shape[1]
-        lengths = attention_mask.sum(dim=1)
-        positions = torch.arange(width, device=input_ids.device)[None, :] - (width - lengths)[:, None]
-        image_mask = (positions >= start) & (positions < end)
-    rows = input_ids.shape[0]
-    return Batch(input_ids, attention_mask, {}, image_mask, [(0, 0)] * rows, [""] * rows)
-
-
 def opera_generate(model: Any, input_ids: torch.Tensor, image_span: tuple[int, int], *,
                    attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
                    eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
@@ -691,19 +667,16 @@ def opera_generate(model: Any, input_ids: torch.Tensor, image_span: tuple[int, i
     from vlmscope.decoding.session import GenerationRun
 
     method = DECODINGS.create("opera", {**params, "image_span": tuple(image_span)})
-    config = getattr(model, "generation_config", None)
+    adapter = TextAdapter(model, tokenizer)
     if eos_token_id is None:
-        eos_token_id = getattr(config, "eos_token_id", None)
-    eos_ids = [] if eos_token_id is None else (
-        [int(e) for e in eos_token_id] if isinstance(eos_token_id, list | tuple) else [int(eos_token_id)])
+        eos_ids = adapter.eos_token_ids()
+    else:
+        eos_ids = [int(e) for e in eos_token_id] if isinstance(eos_token_id, list | tuple) else [int(eos_token_id)]
     if pad_token_id is None:
-        pad_token_id = getattr(config, "pad_token_id", None)
-    if pad_token_id is None:
-        pad_token_id = eos_ids[0] if eos_ids else 0
+        pad_token_id = adapter.pad_token_id()
     device = next(model.parameters()).device
     batch = text_batch(input_ids.to(device), None if attention_mask is None else attention_mask.to(device),
                        image_span)
-    adapter = TextAdapter(model, tokenizer)
     with torch.no_grad(), GenerationRun(model, adapter, batch, list(interventions)) as run:
         return method.decode(run, max_new_tokens, eos_ids, int(pad_token_id))
 

@@ -4,32 +4,49 @@ Decoding methods (greedy, beam search, OPERA, ...) drive a `GenerationRun` throu
 (before the prefill), `prefill()`, `advance(tokens)` and `reorder(index)`; each forward returns the last
 position's logits after every intervention has processed them. Interventions contribute attention-plan
 operations, forward hooks and extra branches (VCD, CFG) through the `Intervention` protocol below.
+
+Specs and state: an intervention (like a decoding method) is an immutable spec, a frozen dataclass of its
+parameters. Everything a run computes lives in a per-run object: entering a `GenerationRun` calls
+`spec.start_run(run)` for every intervention, which returns a fresh `InterventionState`; the run drives the
+states (`prepare`, `setup`, `process_logits`, `reorder`, `close`) and drops them on exit. So one spec instance
+serves any number of runs, also at the same time (two threads, or two runs interleaved by hand). A state reads
+its spec's parameters as its own attributes (`state.alpha` is `state.spec.alpha`), so a method's code reads
+the same in either place. `run.state(spec)` returns the state a spec got in this run.
+
+Conflicts are declared on the classes and checked once per run, before any state is made: `repeatable = False`
+refuses two instances of one class; `conflicts_with` names the methods a class cannot run with, and its
+`conflict(other, adapter)` returns the reason (or None where the given parameters do compose, e.g. PAI and AAI
+on disjoint layers). A declaration on either side counts.
+
+The model's attention implementation is switched once per run (`attention_engine`, entered in `__enter__`);
+each forward only activates the run's plan.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from vlmscope.attention.engine import AttentionPlan, attention_plan, decoder_attention_modules
+from vlmscope.attention.engine import (
+    AttentionPlan,
+    attention_engine,
+    attention_plan,
+    decoder_attention_modules,
+)
+from vlmscope.errors import InputError
 from vlmscope.models.adapters import Adapter, Batch
 
 
-class Intervention:
-    """Base class of steering methods. Subclasses are dataclasses registered in `vlmscope.interventions`.
+class InterventionLifecycle:
+    """The hooks a run calls on an intervention's per-run state, in this order.
 
-    Lifecycle within one `GenerationRun`: `prepare` (may rewrite the batch, before expansion), `setup`
-    (add plan ops, hooks and branches; after expansion, before the prefill), then for every forward
-    `process_logits`; `reorder` follows beam reorders; `close` undoes everything, also after an exception.
+    `prepare` (may rewrite the batch, before expansion), `setup` (add plan ops, hooks and branches; after
+    expansion, before the prefill), then for every forward `process_logits`; `reorder` follows beam reorders;
+    `close` undoes everything, also after an exception.
     """
-
-    name = "intervention"
-    # Set False when the method keeps state that cannot follow a rollback (OPERA) or beam reorder.
-    supports_rollback = True
-    supports_beams = True
 
     def prepare(self, run: GenerationRun) -> None:
         pass
@@ -48,13 +65,70 @@ class Intervention:
         pass
 
 
+class Intervention(InterventionLifecycle):
+    """Base class of steering methods: an immutable spec. Subclasses are frozen dataclasses registered in
+    `vlmscope.interventions`, whose `start_run(run)` returns their per-run `InterventionState`.
+
+    The default `start_run` returns the instance itself, for quick custom interventions that implement the
+    lifecycle on the instance (such an instance then serves one run at a time); every built-in method has its
+    own state class.
+    """
+
+    name = "intervention"
+    # False when the method keeps state that cannot follow a rollback (OPERA) or beam reorder.
+    supports_rollback = True
+    supports_beams = True
+    # Whether two instances of the class may run together; the built-in methods say no.
+    repeatable: ClassVar[bool] = True
+    # Registered names of the methods this one cannot run with (narrowed by `conflict`).
+    conflicts_with: ClassVar[tuple[str, ...]] = ()
+
+    def start_run(self, run: GenerationRun) -> InterventionLifecycle:
+        return self
+
+    def conflict(self, other: Intervention, adapter: Adapter) -> str | None:
+        """Why this spec cannot run with `other` (a method named in `conflicts_with`), or None if they compose."""
+        return f"{self.name} and {other.name} cannot run together: use one of them"
+
+
+class InterventionState(InterventionLifecycle):
+    """What one intervention computes during one run. Parameters read through to the spec."""
+
+    def __init__(self, spec: Intervention, run: GenerationRun) -> None:
+        self.spec = spec
+        self.run = run
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names the state does not have: the spec's parameters and helper methods.
+        if name == "spec":
+            raise AttributeError(name)
+        return getattr(self.spec, name)
+
+
+def check_combination(interventions: Sequence[Intervention], adapter: Adapter) -> None:
+    """Raise InputError for combinations the classes declare impossible (once per run, before any state)."""
+    specs = list(interventions)
+    for i, first in enumerate(specs):
+        for second in specs[i + 1:]:
+            if type(first) is type(second) and not type(first).repeatable:
+                count = sum(type(s) is type(first) for s in specs)
+                raise InputError(f"intervention {first.name!r} is given {count} times: give it once")
+            for owner, other in ((first, second), (second, first)):
+                if other.name in type(owner).conflicts_with:
+                    reason = owner.conflict(other, adapter)
+                    if reason:
+                        raise InputError(reason)
+                    break
+
+
 class GenerationRun:
     def __init__(self, model: Any, adapter: Adapter, batch: Batch,
                  interventions: Sequence[Intervention] = (), capture_plan: AttentionPlan | None = None) -> None:
         self.model = model
         self.adapter = adapter
         self.batch = batch
-        self.interventions = list(interventions)
+        self.interventions = list(interventions)  # the specs, as given
+        self.states: list[InterventionLifecycle] = []  # their per-run states, made on entry
         self.plan = capture_plan or AttentionPlan(decoder_attention_modules(model))
         self.plan.image_mask = batch.image_mask
         self.device = batch.input_ids.device
@@ -72,11 +146,17 @@ class GenerationRun:
 
     # --- lifecycle ------------------------------------------------------------------------------------
     def __enter__(self) -> GenerationRun:
+        if self.states:
+            raise InputError("a GenerationRun runs once: make a new one for another generation")
+        check_combination(self.interventions, self.adapter)
         self._stack.__enter__()
         try:
-            for intervention in self.interventions:
-                self._stack.callback(intervention.close)
-                intervention.prepare(self)
+            self._stack.enter_context(attention_engine(self.model))
+            for spec in self.interventions:
+                state = spec.start_run(self)
+                self.states.append(state)
+                self._stack.callback(state.close)
+                state.prepare(self)
         except BaseException:
             self._stack.close()
             raise
@@ -84,6 +164,13 @@ class GenerationRun:
 
     def __exit__(self, *exc: Any) -> None:
         self._stack.__exit__(*exc)
+
+    def state(self, spec: Intervention) -> InterventionLifecycle:
+        """The per-run state `spec` got in this run."""
+        for given, state in zip(self.interventions, self.states):
+            if given is spec:
+                return state
+        raise KeyError(f"{spec!r} is not an intervention of this run")
 
     def enter_context(self, cm: Any) -> Any:
         return self._stack.enter_context(cm)
@@ -136,8 +223,8 @@ class GenerationRun:
     def prefill(self) -> torch.Tensor:
         from transformers import DynamicCache
 
-        for intervention in self.interventions:
-            intervention.setup(self)
+        for state in self.states:
+            state.setup(self)
         batch = self.batch
         self.cache = DynamicCache(config=self.model.config)
         self.attention_mask = batch.attention_mask
@@ -170,8 +257,8 @@ class GenerationRun:
         return self._process(logits, tokens.view(-1))
 
     def _process(self, logits: torch.Tensor, new_tokens: torch.Tensor | None) -> torch.Tensor:
-        for intervention in self.interventions:
-            logits = intervention.process_logits(logits, self, new_tokens)
+        for state in self.states:
+            logits = state.process_logits(logits, self, new_tokens)
         return logits
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -182,8 +269,8 @@ class GenerationRun:
         dim = 1 if self.last_positions.dim() == 2 else 0
         self.last_positions = self.last_positions.index_select(dim, index)
         self.plan.reorder(index)
-        for intervention in self.interventions:
-            intervention.reorder(index)
+        for state in self.states:
+            state.reorder(index)
 
 
 def _repeat_rows(value: Any, n: int, batch_size: int) -> Any:

@@ -6,8 +6,8 @@ gives the same sequence as the seeded global generator, *provided the shuffle is
 seeding*, as in those scripts. The listing is the part that is not portable: they shuffle ``os.listdir``
 output, whose order depends on the file system. ``order="sorted"`` (default) sorts names first, which is
 reproducible everywhere; ``order="listdir"`` keeps the directory order to reproduce a run on the same
-machine. Only image files (.jpg, .jpeg, .png) are listed; the seed scripts list every entry, which is the
-same for an unmodified val2014 folder.
+machine. Only image files (`vlmscope.images.IMAGE_SUFFIXES`) are listed; the seed scripts list every entry,
+which is the same for an unmodified val2014 folder.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vlmscope.errors import InputError
+from vlmscope.images import IMAGE_SUFFIXES
 
 __all__ = ["coco_items", "list_coco_images", "parse_image_id", "read_image_ids", "select_images"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-_ID_RE = re.compile(r"(?:^|_)(\d+)\.(?:jpe?g|png)$", re.IGNORECASE)
+_ID_RE = re.compile(r"(?:^|_)(\d+)(?:" + "|".join(re.escape(s) for s in IMAGE_SUFFIXES) + ")$", re.IGNORECASE)
 
 
 def parse_image_id(name: str | os.PathLike[str]) -> int:

@@ -222,9 +222,7 @@ def _answer_ids(vlm: Any, batch: Batch, answer: str | None, max_new_tokens: int)
 
 
 def _eos_ids(vlm: Any) -> set[int]:
-    from vlmscope.api import _eos_ids as eos_ids
-
-    return set(eos_ids(vlm.model, vlm.adapter.tokenizer))
+    return set(vlm.adapter.eos_token_ids())
 
 
 # --- forwards -----------------------------------------------------------------------------------------------

@@ -37,9 +37,7 @@ from vlmscope.attention.engine import AttentionPlan, Capture, decoder_attention_
 from vlmscope.decoding.session import GenerationRun
 from vlmscope.errors import InputError
 from vlmscope.explain._json import json_safe
-from vlmscope.images import load_image
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from vlmscope.images import list_image_files, load_image
 
 
 # --- the per-map criteria ---------------------------------------------------------------------------------
@@ -202,10 +200,7 @@ def image_files(images: Any) -> list[Any]:
     if isinstance(images, str | Path):
         path = Path(images)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise InputError(f"no image files in {path}: expected .jpg/.png/... files")
-            return files
+            return list_image_files(path)
         return [path]
     items = list(images)
     if not items:

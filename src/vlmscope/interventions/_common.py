@@ -1,7 +1,6 @@
 """Pieces shared by the decoding-time interventions (PAI, AAI, truncation, FastV, VCD).
 
 - `layer_span`: validate and clip a [start, end) decoder-layer range to the model's depth.
-- `check_combination`: the rules for which interventions may run together (called from every `prepare`).
 - `Branch`: an auxiliary forward branch (VCD's noised image, PAI's image-free prompt) with its own KV cache,
   run on the unmodified model and reordered together with the main beams.
 - `scale_image_logits`: the shared edit `L ← a·|L| + b·L` on the image keys of the last query row.
@@ -12,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,41 +41,6 @@ def layer_span(adapter: Adapter, start: int, end: int, method: str) -> range:
     if end <= start:
         raise InputError(f"{method}: empty layer range [{start}, {end}); choose start < end")
     return range(start, end)
-
-
-# --- which methods may run together -----------------------------------------------------------------------------
-
-
-def check_combination(run: Any) -> None:
-    """Raise InputError for combinations that cannot work; called from each intervention's `prepare`.
-
-    Rules: one instance per method; PAI and AAI re-weight the same attention logits (use one of them on
-    overlapping layers); FastV and truncation with `keep>0` both select image tokens (use one, or truncation
-    with keep=0). Every other combination composes, in the order given.
-    """
-    names = [getattr(i, "name", type(i).__name__) for i in run.interventions]
-    for name in set(names):
-        if names.count(name) > 1 and name in _OWN:
-            raise InputError(f"intervention {name!r} is given {names.count(name)} times: give it once")
-    by_name = {getattr(i, "name", None): i for i in run.interventions}
-    adapter = run.adapter
-    pai, aai = by_name.get("pai"), by_name.get("aai")
-    if pai is not None and aai is not None:
-        overlap = set(pai.layers(adapter)) & set(aai.layers(adapter))
-        if overlap:
-            raise InputError(
-                f"pai and aai both re-weight image attention on layers {min(overlap)}..{max(overlap)}: "
-                "use one of them, or give them disjoint layer ranges"
-            )
-    fastv, trunc = by_name.get("fastv"), by_name.get("truncate")
-    if fastv is not None and trunc is not None and trunc.keep > 0 and trunc.layer < adapter.num_layers:
-        raise InputError(
-            "fastv and truncate:keep>0 both select which image tokens later layers see: use one of them, "
-            "or truncate with keep=0"
-        )
-
-
-_OWN = {"pai", "aai", "truncate", "fastv", "vcd"}
 
 
 # --- the shared logit edit ---------------------------------------------------------------------------------------
@@ -123,26 +86,24 @@ def remove_capture(plan: AttentionPlan, layer: int, capture: Any) -> None:
 
 
 # --- kept prompt-key positions per layer (published by FastV's physical drop) ------------------------------------
-
-_KEY_POSITIONS: weakref.WeakKeyDictionary[AttentionPlan, dict[int, torch.Tensor]] = weakref.WeakKeyDictionary()
+# They live on the run's plan (`plan.layer_key_positions`), so two runs never see each other's.
 
 
 def set_key_positions(plan: AttentionPlan, layer: int, positions: torch.Tensor | None) -> None:
     """Record that `layer`'s prompt keys are the original prompt positions `positions` [N, P_l] (None: all)."""
-    table = _KEY_POSITIONS.setdefault(plan, {})
     if positions is None:
-        table.pop(layer, None)
+        plan.layer_key_positions.pop(layer, None)
     else:
-        table[layer] = positions
+        plan.layer_key_positions[layer] = positions
 
 
 def key_positions(plan: AttentionPlan, layer: int) -> torch.Tensor | None:
     """Original prompt positions of `layer`'s prompt keys [N, P_l], or None when the layer holds them all."""
-    return _KEY_POSITIONS.get(plan, {}).get(layer)
+    return plan.layer_key_positions.get(layer)
 
 
 def clear_key_positions(plan: AttentionPlan) -> None:
-    _KEY_POSITIONS.pop(plan, None)
+    plan.layer_key_positions.clear()
 
 
 def layer_prompt_weights(plan: AttentionPlan, layer: int, weights: torch.Tensor) -> torch.Tensor:

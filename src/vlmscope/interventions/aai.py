@@ -28,21 +28,20 @@ from typing import Any, Literal
 
 import torch
 
-from vlmscope.attention.engine import EditContext
+from vlmscope.attention.engine import EditContext, switched_attention
 from vlmscope.decoding.session import GenerationRun
 from vlmscope.errors import InputError
 from vlmscope.interventions._common import (
-    check_combination,
     layer_prompt_weights,
     layer_span,
     scale_image_logits,
 )
-from vlmscope.interventions.base import INTERVENTIONS, Intervention
+from vlmscope.interventions.base import INTERVENTIONS, Intervention, InterventionState
 from vlmscope.models.adapters import Adapter, Batch
 
 
 @INTERVENTIONS.register("aai")
-@dataclass
+@dataclass(frozen=True)
 class AAI(Intervention):
     alpha: float = 0.3
     beta: float = 1.0
@@ -53,9 +52,26 @@ class AAI(Intervention):
     reference: Literal["vision", "uniform"] = "vision"
     edit_dtype: Literal["model", "float32"] = "model"
 
+    repeatable = False
+
     def __post_init__(self) -> None:
         if self.warmup_steps < 0:
             raise ValueError("warmup_steps must be >= 0 (use warmup=false to edit from the prefill on)")
+
+    def layers(self, adapter: Adapter) -> range:
+        return layer_span(adapter, self.start, self.end, "aai")
+
+    def start_run(self, run: GenerationRun) -> _AAIRun:
+        return _AAIRun(self, run)
+
+
+class _AAIRun(InterventionState):
+    """AAI's per-run state: the vision reference map and the per-row / per-layer weights."""
+
+    spec: AAI
+
+    def __init__(self, spec: AAI, run: GenerationRun) -> None:
+        super().__init__(spec, run)
         self._reset()
 
     def _reset(self) -> None:
@@ -65,12 +81,8 @@ class AAI(Intervention):
         self._shift: torch.Tensor | None = None  # [N, P]: β at image positions, 1 elsewhere (None if β = 1)
         self._layer_weights: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def layers(self, adapter: Adapter) -> range:
-        return layer_span(adapter, self.start, self.end, "aai")
-
     # --- lifecycle -----------------------------------------------------------------------------------------------
     def prepare(self, run: GenerationRun) -> None:
-        check_combination(run)
         self.layers(run.adapter)
         self._reset()
         if self.reference == "vision":
@@ -137,12 +149,9 @@ def eager_vision(model: Any) -> Iterator[None]:
     config = model.config
     if "vision_config" not in getattr(config, "sub_configs", {}) or config.vision_config is None:
         raise InputError("aai: this model has no vision sub-config to switch to eager attention")
-    previous = config.vision_config._attn_implementation or "sdpa"
-    model.set_attn_implementation({"vision_config": "eager"})
-    try:
+    # Reference-counted: two runs in two threads share the switch instead of undoing each other's.
+    with switched_attention(model, "vision_config", "eager"):
         yield
-    finally:
-        model.set_attn_implementation({"vision_config": previous})
 
 
 def _received_attention(tower: Any, pixel_values: torch.Tensor, drop_cls: bool) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from vlmscope.decoding.session import Intervention
+from vlmscope.decoding.session import Intervention, InterventionState
 from vlmscope.registry import Registry
 
 INTERVENTIONS = Registry("intervention")
 
-__all__ = ["INTERVENTIONS", "Intervention"]
+__all__ = ["INTERVENTIONS", "Intervention", "InterventionState"]

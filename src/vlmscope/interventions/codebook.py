@@ -20,22 +20,23 @@ the compacted prompt and is not supported after it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import functools
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from vlmscope.codebook.features import check_family, image_features, span_layout
 from vlmscope.codebook.io import Codebook, load_codebook
 from vlmscope.codebook.selection import keep_mask, redundancy_scores
-from vlmscope.decoding.session import GenerationRun, Intervention
+from vlmscope.decoding.session import GenerationRun, Intervention, InterventionState
 from vlmscope.errors import InputError
 from vlmscope.interventions.base import INTERVENTIONS
 from vlmscope.models.adapters import Batch
 
 
 @INTERVENTIONS.register("codebook")
-@dataclass
+@dataclass(frozen=True)
 class CodebookPruning(Intervention):
     """Drop visual tokens similar to a redundancy codebook's prototypes, before the language model."""
 
@@ -44,8 +45,10 @@ class CodebookPruning(Intervention):
     keep_ratio: float | None = None
     score: Literal["max_cosine", "double_softmax", "single_softmax"] = "max_cosine"
     positions: Literal["contiguous", "original"] = "contiguous"
-    # Filled by prepare(): per input row, bool [L] over the image's grid tokens (True = kept).
-    keep_masks: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
+
+    repeatable = False
+    # Both re-read the image from `batch.model_inputs`, which no longer matches the compacted prompt.
+    conflicts_with = ("vcd", "aai")
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -56,13 +59,30 @@ class CodebookPruning(Intervention):
             raise InputError(f"codebook keep_ratio={self.keep_ratio} must be within [0, 1]")
         if self.score != "max_cosine" and self.keep_ratio is None:
             raise InputError(f"codebook score={self.score} ranks tokens: use keep_ratio=R, not threshold")
-        self._codebook: Codebook | None = None
 
-    @property
+    @functools.cached_property
     def codebook(self) -> Codebook:
-        if self._codebook is None:
-            self._codebook = load_codebook(self.path)
-        return self._codebook
+        # The file's prototypes, read once per spec (a function of `path`, not of any run).
+        return load_codebook(self.path)
+
+    def conflict(self, other: Intervention, adapter: Any) -> str | None:
+        if other.name == "aai" and other.reference != "vision":  # type: ignore[attr-defined]
+            return None  # uniform weights need no second vision pass
+        return (f"codebook pruning and {other.name} cannot run together: {other.name} re-reads the image, which no "
+                "longer matches the pruned prompt" + (" (aai:reference=uniform works)" if other.name == "aai" else ""))
+
+    def start_run(self, run: GenerationRun) -> _CodebookRun:
+        return _CodebookRun(self, run)
+
+
+class _CodebookRun(InterventionState):
+    """The pruning of one run: `keep_masks[row]` is bool [L] over that row's image grid tokens (True = kept)."""
+
+    spec: CodebookPruning
+
+    def __init__(self, spec: CodebookPruning, run: GenerationRun) -> None:
+        super().__init__(spec, run)
+        self.keep_masks: list[torch.Tensor] = []
 
     @torch.no_grad()
     def prepare(self, run: GenerationRun) -> None:

@@ -33,27 +33,48 @@ from vlmscope.attention.engine import AttentionPlan, Capture, EditContext, activ
 from vlmscope.decoding.session import GenerationRun
 from vlmscope.errors import InputError
 from vlmscope.interventions._common import (
-    check_combination,
     clear_key_positions,
     remove_capture,
     set_key_positions,
 )
-from vlmscope.interventions.base import INTERVENTIONS, Intervention
+from vlmscope.interventions.base import INTERVENTIONS, Intervention, InterventionState
+from vlmscope.models.adapters import Adapter
 
 
 @INTERVENTIONS.register("fastv")
-@dataclass
+@dataclass(frozen=True)
 class FastV(Intervention):
     k: int = 2
     ratio: float = 0.5
     mode: Literal["drop", "mask"] = "drop"
     rank_per_row: bool = False
 
+    repeatable = False
+    conflicts_with = ("truncate",)
+
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError("k must be >= 1: the ranking uses the attention of layer k-1")
         if not 0.0 <= self.ratio <= 1.0:
             raise ValueError("ratio (the fraction of image tokens dropped) must be in [0, 1]")
+
+    def conflict(self, other: Intervention, adapter: Adapter) -> str | None:
+        if other.keep > 0 and other.layer < adapter.num_layers:  # type: ignore[attr-defined]
+            return ("fastv and truncate:keep>0 both select which image tokens later layers see: use one of them, "
+                    "or truncate with keep=0")
+        return None
+
+    def start_run(self, run: GenerationRun) -> _FastVRun:
+        return _FastVRun(self, run)
+
+
+class _FastVRun(InterventionState):
+    """FastV's per-run state: the ranking capture, the kept positions and the decoder-layer hooks."""
+
+    spec: FastV
+
+    def __init__(self, spec: FastV, run: GenerationRun) -> None:
+        super().__init__(spec, run)
         self._reset()
 
     def _reset(self) -> None:
@@ -69,7 +90,6 @@ class FastV(Intervention):
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
     def prepare(self, run: GenerationRun) -> None:
-        check_combination(run)
         depth = run.adapter.num_layers
         if self.k >= depth:
             raise InputError(f"fastv: k={self.k} is past this model's decoder layers 0..{depth - 1}; "

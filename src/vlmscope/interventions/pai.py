@@ -35,17 +35,16 @@ from vlmscope.attention.engine import EditContext
 from vlmscope.decoding.session import GenerationRun
 from vlmscope.interventions._common import (
     Branch,
-    check_combination,
     layer_span,
     plausibility_cut,
     scale_image_logits,
 )
-from vlmscope.interventions.base import INTERVENTIONS, Intervention
+from vlmscope.interventions.base import INTERVENTIONS, Intervention, InterventionState
 from vlmscope.models.adapters import Adapter
 
 
 @INTERVENTIONS.register("pai")
-@dataclass
+@dataclass(frozen=True)
 class PAI(Intervention):
     alpha: float = 0.2
     start: int = 2
@@ -57,17 +56,17 @@ class PAI(Intervention):
     cfg_reorder_uncond_cache: bool = True
     edit_dtype: Literal["model", "float32"] = "model"
 
+    repeatable = False
+    conflicts_with = ("aai",)
+
     def __post_init__(self) -> None:
         if self.cfg_beta < 0 or self.cfg_beta >= 1:
             raise ValueError("cfg_beta must be in [0, 1)")
-        self._reset()
-        # A CFG branch cannot follow a rollback of the main cache (OPERA); the attention boost alone can.
-        self.supports_rollback = not self._uses_branch()
 
-    def _reset(self) -> None:
-        self._run: GenerationRun | None = None
-        self._branch: Branch | None = None
-        self._weights: dict[int, torch.Tensor] = {}
+    @property
+    def supports_rollback(self) -> bool:  # type: ignore[override]
+        # A CFG branch cannot follow a rollback of the main cache (OPERA); the attention boost alone can.
+        return not self._uses_branch()
 
     def _uses_branch(self) -> bool:
         return self.cfg and self.gamma != 1.0
@@ -75,9 +74,33 @@ class PAI(Intervention):
     def layers(self, adapter: Adapter) -> range:
         return layer_span(adapter, self.start, self.end, "pai")
 
+    def conflict(self, other: Intervention, adapter: Adapter) -> str | None:
+        overlap = set(self.layers(adapter)) & set(other.layers(adapter))  # type: ignore[attr-defined]
+        if not overlap:
+            return None
+        return (f"pai and aai both re-weight image attention on layers {min(overlap)}..{max(overlap)}: "
+                "use one of them, or give them disjoint layer ranges")
+
+    def start_run(self, run: GenerationRun) -> _PAIRun:
+        return _PAIRun(self, run)
+
+
+class _PAIRun(InterventionState):
+    """PAI's per-run state: the CFG branch and the per-layer boost weights."""
+
+    spec: PAI
+
+    def __init__(self, spec: PAI, run: GenerationRun) -> None:
+        super().__init__(spec, run)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._run: GenerationRun | None = None
+        self._branch: Branch | None = None
+        self._weights: dict[int, torch.Tensor] = {}
+
     # --- lifecycle -----------------------------------------------------------------------------------------------
     def prepare(self, run: GenerationRun) -> None:
-        check_combination(run)
         self.layers(run.adapter)
 
     def setup(self, run: GenerationRun) -> None:

@@ -19,15 +19,17 @@ import torch
 
 from vlmscope.attention.engine import Capture, EditContext
 from vlmscope.decoding.session import GenerationRun
-from vlmscope.interventions._common import check_combination, remove_capture
-from vlmscope.interventions.base import INTERVENTIONS, Intervention
+from vlmscope.interventions._common import remove_capture
+from vlmscope.interventions.base import INTERVENTIONS, Intervention, InterventionState
 
 
 @INTERVENTIONS.register("truncate")
-@dataclass
+@dataclass(frozen=True)
 class Truncate(Intervention):
     layer: int = 22
     keep: int = 0
+
+    repeatable = False
 
     def __post_init__(self) -> None:
         if self.layer < 0:
@@ -36,6 +38,18 @@ class Truncate(Intervention):
             raise ValueError("keep must be >= 0")
         if self.keep > 0 and self.layer == 0:
             raise ValueError("keep>0 ranks image keys at layer-1: choose layer >= 1")
+
+    def start_run(self, run: GenerationRun) -> _TruncateRun:
+        return _TruncateRun(self, run)
+
+
+class _TruncateRun(InterventionState):
+    """Truncation's per-run state: the ranking capture and the kept image keys."""
+
+    spec: Truncate
+
+    def __init__(self, spec: Truncate, run: GenerationRun) -> None:
+        super().__init__(spec, run)
         self._reset()
 
     def _reset(self) -> None:
@@ -44,7 +58,6 @@ class Truncate(Intervention):
         self._kept: torch.Tensor | None = None  # bool [N, P]: image keys kept visible (keep > 0)
 
     def prepare(self, run: GenerationRun) -> None:
-        check_combination(run)
         self._reset()
 
     def setup(self, run: GenerationRun) -> None:

@@ -23,8 +23,8 @@ import torch
 
 from vlmscope.decoding.session import GenerationRun
 from vlmscope.errors import InputError
-from vlmscope.interventions._common import Branch, check_combination, plausibility_cut
-from vlmscope.interventions.base import INTERVENTIONS, Intervention
+from vlmscope.interventions._common import Branch, plausibility_cut
+from vlmscope.interventions.base import INTERVENTIONS, Intervention, InterventionState
 
 NUM_DIFFUSION_STEPS = 1000
 
@@ -62,7 +62,7 @@ def noised_model_inputs(model_inputs: dict[str, Any], step: int, seed: int) -> d
 
 
 @INTERVENTIONS.register("vcd")
-@dataclass
+@dataclass(frozen=True)
 class VCD(Intervention):
     alpha: float = 1.0
     beta: float = 0.1
@@ -71,17 +71,29 @@ class VCD(Intervention):
 
     # The noised branch's cache cannot follow a rollback of the main cache (OPERA).
     supports_rollback = False
+    repeatable = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.noise_step < NUM_DIFFUSION_STEPS:
             raise ValueError(f"noise_step must be in [0, {NUM_DIFFUSION_STEPS - 1}]")
         if not 0.0 <= self.beta < 1.0:
             raise ValueError("beta must be in [0, 1)")
+
+    def start_run(self, run: GenerationRun) -> _VCDRun:
+        return _VCDRun(self, run)
+
+
+class _VCDRun(InterventionState):
+    """VCD's per-run state: the noised-image branch."""
+
+    spec: VCD
+
+    def __init__(self, spec: VCD, run: GenerationRun) -> None:
+        super().__init__(spec, run)
         self._branch: Branch | None = None
         self._run: GenerationRun | None = None
 
     def prepare(self, run: GenerationRun) -> None:
-        check_combination(run)
         self._branch = None
         self._run = None
 

@@ -111,6 +111,29 @@ class Adapter:
             raise InputError(f"head {head} is out of range: this model has heads 0..{n - 1}")
         return head
 
+    # --- special tokens --------------------------------------------------------------------------------
+    def eos_token_ids(self) -> list[int]:
+        """The ids that end a generation: the model's generation config, else the tokenizer's EOS (in order,
+        without repeats; empty when neither has one)."""
+        gen = getattr(self.model, "generation_config", None)
+        value = getattr(gen, "eos_token_id", None)
+        if value is None and self.tokenizer is not None:
+            value = getattr(self.tokenizer, "eos_token_id", None)
+        ids: list[int] = []
+        for v in value if isinstance(value, list | tuple) else [value]:
+            if v is not None and int(v) not in ids:
+                ids.append(int(v))
+        return ids
+
+    def pad_token_id(self) -> int:
+        """The id that fills finished rows: the tokenizer's, the generation config's, the first EOS, else 0."""
+        for owner in (self.tokenizer, getattr(self.model, "generation_config", None)):
+            value = getattr(owner, "pad_token_id", None) if owner is not None else None
+            if value is not None:
+                return int(value)
+        eos = self.eos_token_ids()
+        return eos[0] if eos else 0
+
     # --- prompts ---------------------------------------------------------------------------------------
     def render_prompt(self, prompt: str, with_image: bool = True) -> str:
         """One user turn, image first then text, rendered by the processor's chat template."""
@@ -126,8 +149,8 @@ class Adapter:
     def encode(self, images: list[Any], prompts: list[str], device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None) -> Batch:
         texts = [self.render_prompt(p) for p in prompts]
-        self.tokenizer.padding_side = "left"
-        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        # Left padding for this call only: the caller's tokenizer keeps its own padding_side.
+        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left")
         inputs = dict(inputs)
         input_ids = inputs.pop("input_ids").to(device)
         attention_mask = inputs.pop("attention_mask").to(device)
@@ -147,9 +170,8 @@ class Adapter:
     def encode_text_only(self, prompts: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """The same prompts without the image (for CFG's unconditional branch)."""
         texts = [self.render_prompt(p, with_image=False) for p in prompts]
-        self.tokenizer.padding_side = "left"
         # Tokenised as the processor tokenises the image prompt (same special tokens, e.g. LLaVA's BOS).
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
     def position_ids(self, batch: Batch) -> torch.Tensor:
@@ -264,6 +286,30 @@ class Qwen2VLAdapter(Adapter):
         if t != 1:
             raise InputError("video inputs are not supported; pass one image per prompt")
         return [ImageGrid("image", 0, gh, gw, gw)]
+
+
+class TextAdapter(Adapter):
+    """Minimal adapter for a causal language model without images (OPERA with an explicit image span)."""
+
+    family = "text"
+
+
+def text_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               image_span: tuple[int, int] | None = None) -> Batch:
+    """A `Batch` for a plain language model: left-padded ids, optional image span (unpadded positions)."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    image_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    if image_span is not None:
+        start, end = image_span
+        width = input_ids.shape[1]
+        lengths = attention_mask.sum(dim=1)
+        positions = torch.arange(width, device=input_ids.device)[None, :] - (width - lengths)[:, None]
+        image_mask = (positions >= start) & (positions < end)
+    rows = input_ids.shape[0]
+    return Batch(input_ids, attention_mask, {}, image_mask, [(0, 0)] * rows, [""] * rows)
 
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter)

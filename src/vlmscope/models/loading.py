@@ -40,16 +40,32 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def load_model_and_processor(ref: str, device: Any = None, dtype: Any = None) -> tuple[Any, Any, str]:
-    """Return (model, processor, model_id). Only a hub id can trigger a download."""
+def load_model_and_processor(ref: str, device: Any = None, dtype: Any = None, *, revision: str | None = None,
+                             attn_implementation: str | None = None, device_map: Any = None,
+                             quantization_config: Any = None) -> tuple[Any, Any, str]:
+    """Return (model, processor, model_id). Only a hub id can trigger a download.
+
+    `revision`, `attn_implementation`, `device_map` and `quantization_config` go to `from_pretrained`; with a
+    `device_map` or a quantization config the model is placed by transformers/accelerate (no `.to(device)`).
+    """
+    if device_map is not None and device is not None:
+        raise InputError("give either device or device_map, not both")
+    placed = device_map is not None or quantization_config is not None
     device = resolve_device(device)
     torch_dtype = _dtype(dtype)
     if ref in BUILTIN_TINY:
+        given = [name for name, value in (("revision", revision), ("device_map", device_map),
+                                          ("quantization_config", quantization_config)) if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} cannot be used with the built-in model {ref!r} (it is built "
+                             "locally, not loaded): drop the option or load a saved model directory or hub id")
         from vlmscope.models.tiny import build_tiny
 
         # Built fresh on each load (under a second), so no caller sees another's dtype or device changes.
         model, processor = build_tiny(BUILTIN_TINY[ref])
         model = model.to(device=device, dtype=torch_dtype) if torch_dtype else model.to(device)
+        if attn_implementation is not None:
+            _set_attn_implementation(model, attn_implementation)
         return model, processor, ref
     path = Path(ref).expanduser()
     if not path.exists() and (EMBEDDED_DIR / ref).is_dir():
@@ -69,42 +85,60 @@ def load_model_and_processor(ref: str, device: Any = None, dtype: Any = None) ->
 
     from vlmscope.models.adapters import ADAPTERS
 
-    config = AutoConfig.from_pretrained(source)
+    hub: dict[str, Any] = {"revision": revision} if revision is not None else {}
+    config = AutoConfig.from_pretrained(source, **hub)
     supported = {t for cls in ADAPTERS for t in cls.model_types}
     if config.model_type not in supported:
         raise UnsupportedModelError(
             f"unsupported model type {config.model_type!r}: vlmscope supports {', '.join(sorted(supported))}"
         )
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(hub)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
-    model = AutoModelForImageTextToText.from_pretrained(source, **kwargs).to(device).eval()
-    processor = load_processor(source, config.model_type)
+    for name, value in (("attn_implementation", attn_implementation), ("device_map", device_map),
+                        ("quantization_config", quantization_config)):
+        if value is not None:
+            kwargs[name] = value
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+    except (ValueError, ImportError) as exc:
+        if attn_implementation is None and device_map is None and quantization_config is None:
+            raise
+        raise InputError(f"cannot load {ref} with these options: {str(exc).splitlines()[0]}") from None
+    model = (model if placed else model.to(device)).eval()
+    processor = load_processor(source, config.model_type, **hub)
     return model, processor, ref
 
 
-def load_processor(source: str, model_type: str) -> Any:
+def _set_attn_implementation(model: Any, name: str) -> None:
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, ImportError) as exc:
+        raise InputError(f"attn_implementation={name!r} is not available: {str(exc).splitlines()[0]}") from None
+
+
+def load_processor(source: str, model_type: str, **hub: Any) -> Any:
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(source)
+        return AutoProcessor.from_pretrained(source, **hub)
     except (OSError, ImportError, ValueError, TypeError) as exc:
         if model_type not in ("qwen2_vl", "qwen2_5_vl"):
             raise
         # The stock Qwen processor wants a video processor, which needs torchvision; images do not.
         log.info("building an image-only Qwen processor (%s)", exc)
-        return _image_only_qwen_processor(source, model_type)
+        return _image_only_qwen_processor(source, model_type, **hub)
 
 
-def _image_only_qwen_processor(source: str, model_type: str) -> Any:
+def _image_only_qwen_processor(source: str, model_type: str, **hub: Any) -> Any:
     import transformers
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
     from vlmscope.models.tiny import image_only_qwen_processor
 
     base = transformers.Qwen2VLProcessor if model_type == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, **hub)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(source, **hub)
     template = getattr(tokenizer, "chat_template", None)
     template_file = Path(source) / "chat_template.jinja"
     if template_file.is_file():
