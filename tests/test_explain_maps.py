@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+import vlmscope
 from vlmscope.api import VLM
 from vlmscope.attention.engine import _text_config_names, active_plan
 from vlmscope.cli import main as cli_main
 from vlmscope.errors import InputError
-from vlmscope.explain.maps import ExplainResult, explain, load_result
+from vlmscope.explain.maps import ExplainResult, explain
 from vlmscope.models.tiny import build_tiny
 
 PROMPT = "what is in the image ?"
@@ -154,6 +155,7 @@ def test_save_writes_arrays_json_and_overlays(llava: VLM, tmp_path) -> None:
     assert data["layers"].tolist() == [2, 3] and data["heads"].tolist() == [0, 1]
     assert data["steps"].tolist() == [0, 1, 2] and data["tokens"].tolist() == result.tokens
     run = json.loads((tmp_path / "run.json").read_text())
+    assert run["kind"] == "explain"
     assert run["text"] == result.text and run["token_ids"] == result.token_ids
     assert run["prompt_ids"] == result.prompt_ids and run["model"] == "tiny-llava"
     assert run["params"]["layers"] == [2, 3] and "generate_seconds" in run["runtime"]
@@ -164,10 +166,14 @@ def test_save_writes_arrays_json_and_overlays(llava: VLM, tmp_path) -> None:
     # Per-map scale and no reduction: one overlay per (step, layer, head).
     out2 = tmp_path / "none"
     assert len(result.save(out2, reduce="none", scale="per-map")["overlays"]) == 3 * 2 * 2
-    # The saved result loads back and reduces the same way.
-    loaded = load_result(tmp_path, image=make_image())
-    assert isinstance(loaded, ExplainResult)
+    # The saved result loads back (by its kind) and reduces the same way.
+    loaded = vlmscope.load_result(tmp_path, image=make_image())
+    assert isinstance(loaded, ExplainResult) and loaded.provenance == run["provenance"]
     np.testing.assert_allclose(loaded.reduce("all"), result.reduce("all"))
+    assert loaded.to_json() == {k: v for k, v in run.items() if k != "output"}
+    # A re-run with fewer maps replaces the earlier overlays instead of mixing with them.
+    assert len(result.save(out2, reduce="layers,heads")["overlays"]) == 3
+    assert len(list(out2.glob("overlay_*.png"))) == 3
     assert result.plot(reduce="steps,layers").axes
 
 

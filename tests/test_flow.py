@@ -232,7 +232,8 @@ def test_cli_writes_flow_json_and_plots(tmp_path, capsys) -> None:
     code = cli_main(["flow", "--model", "tiny-llava", "--image", str(image_path), "--prompt", PROMPT,
                      "--answer", ANSWER, "--chunk-size", "2", "--out", str(out)])
     assert code == 0
-    data = json.loads((out / "flow.json").read_text())
+    data = json.loads((out / "run.json").read_text())
+    assert data["kind"] == "flow" and data["provenance"]["model"] == "tiny-llava"
     assert set(data["attention_shares"]) == set(GROUPS)
     assert all(len(v) == 4 for v in data["saliency"].values())
     assert set(MAIN_FLOWS) <= set(data["saliency"])

@@ -203,12 +203,13 @@ def test_cli_prints_and_saves_the_ranking(tmp_path, capsys) -> None:
     for i, image in enumerate(make_images(2)):
         image.save(folder / f"{i}.png")
     (folder / "notes.txt").write_text("not an image")
-    out = tmp_path / "heads.json"
+    out = tmp_path / "heads"
     assert cli_main(["heads", "--model", "tiny-llava", "--images", str(folder), "--prompt", PROMPT,
                      "--top", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "rank  layer  head  count" in printed
-    data = json.loads(out.read_text())
+    data = json.loads((out / "run.json").read_text())
+    assert data["kind"] == "heads" and data["provenance"]["model"] == "tiny-llava"
     assert data["top_k"] == 3 and len(data["images"]) == 2 and len(data["per_image"]) == 2
     # Fewer than --top heads may survive the exclusions on a 4-layer model.
     assert sum(r["count"] for r in data["ranking"]) == sum(len(e["top"]) for e in data["per_image"])

@@ -1,4 +1,8 @@
-"""vlmscope: see how vision-language models use the image, and steer them to hallucinate less."""
+"""vlmscope: see how vision-language models use the image, and steer them to hallucinate less.
+
+`vlmscope.load(model)` gives a `VLM` with `generate`, `explain`, `flow` and `heads`; `vlmscope.load_result(dir)`
+reads any saved result folder back (explain, flow, heads, eval runs).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from vlmscope.errors import InputError, UnsupportedModelError, VlmscopeError
 
 __version__ = "0.1.0"
-__all__ = ["load", "VlmscopeError", "InputError", "UnsupportedModelError", "__version__"]
+__all__ = ["VLM", "InputError", "UnsupportedModelError", "VlmscopeError", "__version__", "load", "load_result"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlmscope.api import VLM
@@ -18,3 +22,24 @@ def load(model: str, device: str | None = None, dtype: Any = None, **kwargs: Any
     from vlmscope.api import load as _load
 
     return _load(model, device=device, dtype=dtype, **kwargs)
+
+
+def load_result(out_dir: Any, **kwargs: Any) -> Any:
+    """Read a saved result folder by the kind in its run.json (see `vlmscope.results.load`)."""
+    from vlmscope.results import load as _load
+
+    return _load(out_dir, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    # `VLM` on first use: importing vlmscope stays free of torch and transformers.
+    if name == "VLM":
+        from vlmscope.api import VLM
+
+        return VLM
+    raise AttributeError(f"module 'vlmscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # Only the public names; submodules (vlmscope.explain, ...) are imported by their full name.
+    return sorted(__all__)

@@ -17,14 +17,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="e.g. a referring expression or question")
     p.add_argument("--top", type=int, default=5, help="heads selected per image (default 5)")
     p.add_argument("--min-layer", type=int, default=2, help="exclude layers below this (default 2: layers 0-1)")
-    p.add_argument("--out", default=None, help="write the ranking as JSON here")
+    p.add_argument("--out", default=None, help="output directory: the ranking is written to DIR/run.json")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import vlmscope
     from vlmscope.explain.heads import image_files, rank_heads
+    from vlmscope.results import check_output_dir
 
+    if args.out:
+        check_output_dir(args.out, "heads")
     images = image_files(args.images)  # fail on a bad directory before loading the model
     if args.top < 1:
         from vlmscope.errors import InputError
@@ -35,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(images)} image(s), top {args.top} heads per image; heads by selection frequency:")
     print(ranking.table())
     if args.out:
-        path = ranking.save(args.out)
-        print(f"saved {path}")
+        print(f"saved {ranking.save(args.out)['run']}")
     sys.stdout.flush()
     return 0
