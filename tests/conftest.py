@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny offline models and generated images."""
+"""Shared fixtures: tiny offline models, the embedded shapes model, generated images, the shared data folder.
+
+Model fixtures are session-wide and must not be modified by a test; a test that changes weights or configs
+builds its own model with `tiny_vlm(arch)` (a fresh, unshared one per call).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def on_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_shared(path: Path) -> Path:
+    """`path` under ../shared, or skip locally; under CI=true a missing file fails the test (no silent skips)."""
+    if not path.exists():
+        message = f"shared data {path} not present (CI provides it beside the repository)"
+        if on_ci():
+            pytest.fail(message + ": CI=true, so this is an error, not a skip")
+        pytest.skip(message)
+    return path
 
 
 def make_image(seed: int, width: int = 48, height: int = 40):
@@ -44,6 +62,46 @@ def tiny_llava():
     import vlmscope
 
     return vlmscope.load("tiny-llava", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next():
+    import vlmscope
+
+    return vlmscope.load("tiny-llava-next", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl():
+    import vlmscope
+
+    return vlmscope.load("tiny-qwen2-vl", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shapes_vlm():
+    import vlmscope
+
+    return vlmscope.load("shapes", device="cpu")
+
+
+@pytest.fixture
+def tiny_vlm():
+    """`tiny_vlm("llava" | "llava-next" | "qwen2-vl")`: a freshly built tiny model this test may change."""
+    from vlmscope.api import VLM
+    from vlmscope.models.tiny import build_tiny
+
+    def build(arch: str = "llava") -> VLM:
+        model, processor = build_tiny(arch)
+        return VLM(model, processor, f"tiny-{arch}")
+
+    return build
+
+
+@pytest.fixture
+def shared_data():
+    """`shared_data("chair/x.jsonl")`: a file of ../shared/data (see `require_shared`)."""
+    return lambda relative: require_shared(SHARED / "data" / relative)
 
 
 @pytest.fixture(scope="session")

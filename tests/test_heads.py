@@ -22,7 +22,6 @@ from vlmscope.explain.heads import (
     select_heads,
     spatial_entropy,
 )
-from vlmscope.models.tiny import build_tiny
 
 PROMPT = "the red ball on the left"
 
@@ -163,9 +162,8 @@ def make_images(n: int) -> list[Image.Image]:
     return [Image.fromarray((np.random.RandomState(i).rand(36, 48, 3) * 255).astype("uint8")) for i in range(n)]
 
 
-def test_image_attention_matches_stock_and_rank_counts() -> None:
-    model, processor = build_tiny("llava")
-    vlm = VLM(model, processor, "tiny-llava")
+def test_image_attention_matches_stock_and_rank_counts(tiny_llava: VLM) -> None:
+    vlm = tiny_llava
     images = make_images(3)
     sums, maps = image_attention(vlm, images[0], PROMPT)
     stock = stock_last_row(vlm, images[0], PROMPT)
@@ -183,9 +181,8 @@ def test_image_attention_matches_stock_and_rank_counts() -> None:
     assert ranking.heads(1) == [(ranking.ranking[0]["layer"], ranking.ranking[0]["head"])]
 
 
-def test_next_uses_base_grid_for_entropy() -> None:
-    model, processor = build_tiny("llava-next")
-    vlm = VLM(model, processor, "tiny-llava-next")
+def test_next_uses_base_grid_for_entropy(tiny_llava_next: VLM) -> None:
+    vlm = tiny_llava_next
     image = make_images(1)[0]
     sums, maps = image_attention(vlm, image, PROMPT)
     batch = vlm.encode([image], [PROMPT])

@@ -38,11 +38,9 @@ def stock():
     return model, processor
 
 
-@pytest.fixture(scope="module")
-def vlm():
-    import vlmscope
-
-    return vlmscope.load("shapes", device="cpu")
+@pytest.fixture
+def vlm(shapes_vlm):
+    return shapes_vlm  # the shared session model (conftest)
 
 
 def test_files_and_size():
@@ -189,6 +187,7 @@ def test_shapes_eval_cli_bad_input(capsys, argv):
     assert err[-1].startswith("error: ")
 
 
+@pytest.mark.slow  # about 20 s: CHAIR/POPE for five methods, heads, explain and flow on the shapes model
 def test_demo_on_shapes(tmp_path):
     from vlmscope.cli import main
 
