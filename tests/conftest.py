@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny offline models, the embedded shapes model, generated images, the shared data folder.
+"""Shared fixtures: tiny offline models, the embedded shapes model, generated images.
 
 Model fixtures are session-wide and must not be modified by a test; a test that changes weights or configs
 builds its own model with `tiny_vlm(arch)` (a fresh, unshared one per call).
@@ -17,20 +17,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-
-
-def on_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def require_shared(path: Path) -> Path:
-    """`path` under ../shared, or skip locally; under CI=true a missing file fails the test (no silent skips)."""
-    if not path.exists():
-        message = f"shared data {path} not present (CI provides it beside the repository)"
-        if on_ci():
-            pytest.fail(message + ": CI=true, so this is an error, not a skip")
-        pytest.skip(message)
-    return path
 
 
 def make_image(seed: int, width: int = 48, height: int = 40):
@@ -97,15 +83,3 @@ def tiny_vlm():
 
     return build
 
-
-@pytest.fixture
-def shared_data():
-    """`shared_data("chair/x.jsonl")`: a file of ../shared/data (see `require_shared`)."""
-    return lambda relative: require_shared(SHARED / "data" / relative)
-
-
-@pytest.fixture(scope="session")
-def image_file(tmp_path_factory, images):
-    path = tmp_path_factory.mktemp("img") / "image.png"
-    images[0].save(path)
-    return path
