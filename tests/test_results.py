@@ -124,8 +124,8 @@ def test_cli_out_naming_a_file_fails_before_any_work(tmp_path, capsys, command: 
     # A model that does not exist: the output check must come first, or this would fail on the model.
     code = cli_main([command, "--model", "no-such-model", *inputs, "--prompt", PROMPT, "--out", str(target)])
     assert code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"error: --out {target} is a file: give a directory "
-                                                            "(it is created if missing)"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out {target} is a file"), err
     assert target.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["img.png", "taken"]
 
 
