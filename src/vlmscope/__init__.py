@@ -1,8 +1,4 @@
-"""vlmscope: see how vision-language models use the image, and steer them to hallucinate less.
-
-`vlmscope.load(model)` gives a `VLM` with `generate`, `explain`, `flow` and `heads`; `vlmscope.load_result(dir)`
-reads any saved result folder back (explain, flow, heads, eval runs).
-"""
+"""vlmscope: see how vision-language models use the image, and steer them to hallucinate less."""
 
 from __future__ import annotations
 
@@ -13,26 +9,17 @@ from vlmscope.errors import InputError, UnsupportedModelError, VlmscopeError
 __version__ = "0.1.0"
 __all__ = ["VLM", "InputError", "UnsupportedModelError", "VlmscopeError", "__version__", "load", "load_result"]
 
-if TYPE_CHECKING:  # pragma: no cover
-    from vlmscope.api import VLM
-
-
-def load(model: str, device: str | None = None, dtype: Any = None, **kwargs: Any) -> VLM:
-    """Load a vision-language model by hub id, local directory or built-in name (see `vlmscope.api.load`)."""
-    from vlmscope.api import load as _load
-
-    return _load(model, device=device, dtype=dtype, **kwargs)
-
 
 def load_result(out_dir: Any, **kwargs: Any) -> Any:
-    """Read a saved result folder by the kind in its run.json (see `vlmscope.results.load`)."""
+    """Read a saved result folder back by the kind in its run.json: explain, flow, heads, or an eval run
+    (see `vlmscope.results.load`)."""
     from vlmscope.results import load as _load
 
     return _load(out_dir, **kwargs)
 
 
 def __getattr__(name: str) -> Any:
-    # `VLM` on first use: importing vlmscope stays free of torch and transformers.
+    # `vlmscope.VLM` on first use, so that importing vlmscope stays light.
     if name == "VLM":
         from vlmscope.api import VLM
 
@@ -43,3 +30,13 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     # Only the public names; submodules (vlmscope.explain, ...) are imported by their full name.
     return sorted(__all__)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vlmscope.api import VLM
+
+
+def load(model: str, device: str | None = None, dtype: Any = None, **kwargs: Any) -> VLM:
+    """Load a vision-language model by hub id, local directory or built-in name (see `vlmscope.api.load`)."""
+    from vlmscope.api import load as _load
+
+    return _load(model, device=device, dtype=dtype, **kwargs)
