@@ -33,11 +33,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from vlmscope import results
 from vlmscope.attention.engine import AttentionPlan, Capture, decoder_attention_modules
 from vlmscope.decoding.session import GenerationRun
 from vlmscope.errors import InputError
+from vlmscope.explain._json import json_safe
 from vlmscope.images import load_image
-from vlmscope.results import prepare_output_dir, read_run, run_provenance, write_run
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -182,14 +183,15 @@ class HeadRanking:
                 f"best=[{best}])")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """JSON-ready (an infinite entropy is null)."""
+        return json_safe({
             "kind": self.kind,
             "provenance": self.provenance,
             "model": self.model_id, "prompt": self.prompt, "top_k": self.top_k, "images": self.images,
             "criteria": {"threshold": "chord elbow of attention sums", "score": "spatial entropy (ascending)",
                          "binarize": 1e-3, "bottom_row_limit": 0.05, "min_layer": self.min_layer},
             "ranking": self.ranking, "per_image": self.per_image,
-        }
+        })
 
     def heads(self, k: int | None = None) -> list[tuple[int, int]]:
         """The most frequently selected (layer, head) pairs, best first."""
@@ -205,13 +207,13 @@ class HeadRanking:
 
     def save(self, out_dir: str | Path) -> dict[str, str]:
         """Write run.json into `out_dir` (created if missing); returns {"run": path}."""
-        out = prepare_output_dir(out_dir, self.kind)
-        return {"run": str(write_run(out, self.kind, self.to_json()))}
+        out = results.prepare_output_dir(out_dir, self.kind)
+        return {"run": str(results.write_run(out, self.kind, self.to_json()))}
 
     @classmethod
     def load(cls, out_dir: str | Path) -> HeadRanking:
         """Read a saved ranking back (an infinite entropy was written as null and reads back as inf)."""
-        run = read_run(out_dir, cls.kind)
+        run = results.read_run(out_dir, cls.kind)
 
         def entropy(value: Any) -> float:
             return math.inf if value is None else float(value)
@@ -272,5 +274,5 @@ def rank_heads(vlm: Any, images: Any, prompt: str, top_k: int = 5, min_layer: in
                      "mean_entropy": float(np.mean(finite)) if finite else math.inf})
     rows.sort(key=lambda r: (-r["count"], r["mean_entropy"], -r["mean_attn_sum"], r["layer"], r["head"]))
     ranking.ranking = rows
-    ranking.provenance = run_provenance(vlm, wall_seconds=time.perf_counter() - start)
+    ranking.provenance = results.run_provenance(vlm, wall_seconds=time.perf_counter() - start)
     return ranking
