@@ -1,4 +1,4 @@
-"""The public entry: `vlmscope.load(...)` → `VLM` with `generate`, `explain`, `flow` and `heads`."""
+"""The public entry: `vlmscope.load(...)` → `VLM` with `generate`, `explain` and `flow`."""
 
 from __future__ import annotations
 
