@@ -63,6 +63,9 @@ def test_explain_flow_and_heads_save_load_and_dispatch_by_kind(tiny_llava: VLM, 
     assert loaded_flow.grids == flows.grids
     np.testing.assert_allclose(loaded_flow.cam_maps(), flows.cam_maps())
     assert load(tmp_path / "heads").heads() == ranking.heads()
+    assert load(tmp_path / "explain", image=make_image()).plot().axes  # the image comes back for plotting
+    with pytest.raises(InputError, match="a heads result takes no image"):
+        load(tmp_path / "heads", image=make_image())
 
 
 def test_smoothgrad_seed_is_in_the_provenance(tiny_llava: VLM) -> None:

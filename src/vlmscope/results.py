@@ -16,6 +16,7 @@ This module sits beside `provenance`: it imports no model code, and the result c
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
 from collections.abc import Iterable
@@ -137,7 +138,11 @@ def load(out_dir: str | Path, **kwargs: Any) -> Any:
         raise InputError(f"unknown result kind {kind!r} in {Path(out_dir) / RUN_FILE}: known kinds are "
                          f"{', '.join(RESULT_TYPES)}")
     module, name = RESULT_TYPES[kind]
-    return getattr(importlib.import_module(module), name).load(out_dir, **kwargs)
+    reader = getattr(importlib.import_module(module), name).load
+    unknown = sorted(set(kwargs) - set(inspect.signature(reader).parameters))
+    if unknown:
+        raise InputError(f"a {kind} result takes no {', '.join(unknown)} when loaded: drop the argument")
+    return reader(out_dir, **kwargs)
 
 
 # --- evaluation runs (read-only) ----------------------------------------------------------------------------
