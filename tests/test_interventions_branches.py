@@ -19,7 +19,6 @@ from vlmscope.api import VLM
 from vlmscope.decoding.session import GenerationRun, Intervention
 from vlmscope.interventions import INTERVENTIONS
 from vlmscope.interventions.vcd import add_diffusion_noise, diffusion_coefficients, noised_model_inputs
-from vlmscope.models.tiny import build_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,9 +34,8 @@ IMAGES = [_image(0), _image(1)]
 
 
 @pytest.fixture(scope="module")
-def vlm() -> VLM:
-    model, processor = build_tiny("llava")
-    return VLM(model, processor, "tiny-llava")
+def vlm(tiny_llava: VLM) -> VLM:
+    return tiny_llava  # the shared session model (conftest); nothing here changes its weights
 
 
 def _generate(vlm, spec=None, images=IMAGES, prompts=PROMPTS, n=6, decoding="greedy"):
