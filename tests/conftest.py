@@ -83,3 +83,9 @@ def tiny_vlm():
 
     return build
 
+
+@pytest.fixture(scope="session")
+def image_file(tmp_path_factory, images):
+    path = tmp_path_factory.mktemp("img") / "image.png"
+    images[0].save(path)
+    return path
