@@ -175,7 +175,7 @@ class FlowResult:
 
     def save(self, out_dir: str | Path) -> dict[str, str]:
         """Write run.json, flows.png and (with an image and a CAM) cam*.png; returns the paths by name."""
-        out = prepare_output_dir(out_dir, self.kind, ("flows.png", "cam*.png"))
+        out = prepare_output_dir(out_dir, self.kind, ("flows.png", "cam*.png", "flow.json"))  # flow.json: older layout
         written = {"run": str(write_run(out, self.kind, self.to_json()))}
         self.plot_flows().savefig(out / "flows.png")
         written["flows"] = str(out / "flows.png")
