@@ -8,4 +8,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # there); a caller can still override it.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 .venv/bin/python -m ruff check .
-.venv/bin/python -m pytest -q "$@"
+# The suite's wall time is printed (pass or fail) so CI logs show it creeping up: keep it under 15 minutes.
+start=$SECONDS
+status=0
+.venv/bin/python -m pytest -q --durations=10 "$@" || status=$?
+echo "pytest wall time: $((SECONDS - start)) s"
+exit "$status"

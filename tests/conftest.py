@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny offline models and generated images."""
+"""Shared fixtures: tiny offline models, the embedded shapes model, generated images.
+
+Model fixtures are session-wide and must not be modified by a test; a test that changes weights or configs
+builds its own model with `tiny_vlm(arch)` (a fresh, unshared one per call).
+"""
 
 from __future__ import annotations
 
@@ -44,6 +48,40 @@ def tiny_llava():
     import vlmscope
 
     return vlmscope.load("tiny-llava", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next():
+    import vlmscope
+
+    return vlmscope.load("tiny-llava-next", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl():
+    import vlmscope
+
+    return vlmscope.load("tiny-qwen2-vl", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shapes_vlm():
+    import vlmscope
+
+    return vlmscope.load("shapes", device="cpu")
+
+
+@pytest.fixture
+def tiny_vlm():
+    """`tiny_vlm("llava" | "llava-next" | "qwen2-vl")`: a freshly built tiny model this test may change."""
+    from vlmscope.api import VLM
+    from vlmscope.models.tiny import build_tiny
+
+    def build(arch: str = "llava") -> VLM:
+        model, processor = build_tiny(arch)
+        return VLM(model, processor, f"tiny-{arch}")
+
+    return build
 
 
 @pytest.fixture(scope="session")

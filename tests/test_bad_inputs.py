@@ -95,7 +95,7 @@ CASES = {
     "flow bad layers": [*FLOW, "--out", "{new_out}", "--layers", "a-b"],
     "heads empty folder": ["heads", *M, "--images", "{empty_dir}", "--prompt", "x"],
     "heads zero top": [*HEADS, "--top", "0"],
-    "heads out is a folder": [*HEADS, "--out", "{empty_dir}"],
+    "heads out is a file": [*HEADS, "--out", "{caps.jsonl}"],
     # chair / pope scoring
     "chair no captions": CHAIR,
     "chair missing file": [*CHAIR, "--captions", "{missing.jsonl}"],

@@ -29,7 +29,10 @@ SHARED = Path(os.environ.get("VLMSCOPE_SHARED_DIR") or Path(__file__).resolve().
 def _shared(name: str) -> Path:
     path = SHARED / name
     if not path.exists():
-        pytest.skip(f"shared data {path} not present (CI provides it beside the repository)")
+        message = f"shared data {path} not present (CI provides it beside the repository)"
+        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+            pytest.fail(message + ": CI=true, so this is an error, not a skip")  # no silent skips on CI
+        pytest.skip(message)
     return path
 
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+import vlmscope
 from vlmscope.api import VLM
 from vlmscope.attention.engine import _text_config_names, active_plan
 from vlmscope.cli import main as cli_main
 from vlmscope.errors import InputError
-from vlmscope.explain.maps import ExplainResult, explain, load_result
-from vlmscope.models.tiny import build_tiny
+from vlmscope.explain.maps import ExplainResult, explain
 
 PROMPT = "what is in the image ?"
 
@@ -27,10 +27,9 @@ def make_image(width: int = 56, height: int = 40, seed: int = 0) -> Image.Image:
     return Image.fromarray((base + rng.rand(height, width, 3) * 55).astype("uint8"))
 
 
-@pytest.fixture(scope="module")
-def llava() -> VLM:
-    model, processor = build_tiny("llava")
-    return VLM(model, processor, "tiny-llava")
+@pytest.fixture
+def llava(tiny_llava: VLM) -> VLM:
+    return tiny_llava  # the shared session model (conftest); tests that change a model build their own
 
 
 def stock_last_rows(vlm: VLM, image: Image.Image, prompt: str, max_new_tokens: int) -> tuple[list[int], np.ndarray]:
@@ -89,12 +88,11 @@ def test_reductions_equal_numpy(llava: VLM) -> None:
         result.reduce("tokens")
 
 
-def test_uniform_attention_gives_the_known_map() -> None:
+def test_uniform_attention_gives_the_known_map(tiny_vlm) -> None:
     # Zero query projection in layer 1: all logits are 0, so each query attends uniformly to its causal window.
-    model, processor = build_tiny("llava")
+    vlm = tiny_vlm("llava")
     with torch.no_grad():
-        model.get_decoder().layers[1].self_attn.q_proj.weight.zero_()
-    vlm = VLM(model, processor, "tiny-llava-uniform")
+        vlm.model.get_decoder().layers[1].self_attn.q_proj.weight.zero_()
     result = explain(vlm, make_image(), PROMPT, layers=1, max_new_tokens=4)
     prompt_len = len(result.prompt_ids)
     for i, step in enumerate(result.steps):
@@ -102,11 +100,9 @@ def test_uniform_attention_gives_the_known_map() -> None:
         np.testing.assert_allclose(result.maps[i, 0], expected, rtol=1e-5)
 
 
-def test_next_and_qwen_grids_have_the_right_shapes_and_values() -> None:
+def test_next_and_qwen_grids_have_the_right_shapes_and_values(tiny_llava_next: VLM, tiny_qwen2_vl: VLM) -> None:
     image = make_image(64, 32)
-    for arch in ("llava-next", "qwen2-vl"):
-        model, processor = build_tiny(arch)
-        vlm = VLM(model, processor, arch)
+    for arch, vlm in (("llava-next", tiny_llava_next), ("qwen2-vl", tiny_qwen2_vl)):
         result = explain(vlm, image, PROMPT, layers="0,3", max_new_tokens=3)
         grids = vlm.adapter.image_grids(vlm.encode([image], [PROMPT]), 0)
         tokens, stock = stock_last_rows(vlm, image, PROMPT, 3)
@@ -135,9 +131,9 @@ def test_bad_selections_raise_one_line_errors(llava: VLM) -> None:
         explain(llava, image, PROMPT, layers="x")
 
 
-def test_step_beyond_the_generated_length_is_an_error() -> None:
-    model, processor = build_tiny("llava")
-    vlm = VLM(model, processor, "tiny-llava")
+def test_step_beyond_the_generated_length_is_an_error(tiny_vlm) -> None:
+    vlm = tiny_vlm("llava")
+    model = vlm.model
     first = explain(vlm, make_image(), PROMPT, layers=0, max_new_tokens=2).token_ids
     # Make the second generated token an end-of-sequence token: generation stops after 2 tokens.
     model.generation_config.eos_token_id = first[1]
@@ -154,6 +150,7 @@ def test_save_writes_arrays_json_and_overlays(llava: VLM, tmp_path) -> None:
     assert data["layers"].tolist() == [2, 3] and data["heads"].tolist() == [0, 1]
     assert data["steps"].tolist() == [0, 1, 2] and data["tokens"].tolist() == result.tokens
     run = json.loads((tmp_path / "run.json").read_text())
+    assert run["kind"] == "explain"
     assert run["text"] == result.text and run["token_ids"] == result.token_ids
     assert run["prompt_ids"] == result.prompt_ids and run["model"] == "tiny-llava"
     assert run["params"]["layers"] == [2, 3] and "generate_seconds" in run["runtime"]
@@ -164,10 +161,14 @@ def test_save_writes_arrays_json_and_overlays(llava: VLM, tmp_path) -> None:
     # Per-map scale and no reduction: one overlay per (step, layer, head).
     out2 = tmp_path / "none"
     assert len(result.save(out2, reduce="none", scale="per-map")["overlays"]) == 3 * 2 * 2
-    # The saved result loads back and reduces the same way.
-    loaded = load_result(tmp_path, image=make_image())
-    assert isinstance(loaded, ExplainResult)
+    # The saved result loads back (by its kind) and reduces the same way.
+    loaded = vlmscope.load_result(tmp_path, image=make_image())
+    assert isinstance(loaded, ExplainResult) and loaded.provenance == run["provenance"]
     np.testing.assert_allclose(loaded.reduce("all"), result.reduce("all"))
+    assert loaded.to_json() == {k: v for k, v in run.items() if k != "output"}
+    # A re-run with fewer maps replaces the earlier overlays instead of mixing with them.
+    assert len(result.save(out2, reduce="layers,heads")["overlays"]) == 3
+    assert len(list(out2.glob("overlay_*.png"))) == 3
     assert result.plot(reduce="steps,layers").axes
 
 

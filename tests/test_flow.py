@@ -15,7 +15,6 @@ from vlmscope.attention.engine import _text_config_names, active_plan
 from vlmscope.cli import main as cli_main
 from vlmscope.errors import InputError
 from vlmscope.explain.flow import GROUPS, MAIN_FLOWS, build_inputs, flow
-from vlmscope.models.tiny import build_tiny
 
 PROMPT = "what is in the image ?"
 ANSWER = "a red ball on the table"
@@ -25,10 +24,9 @@ def make_image(seed: int = 0) -> Image.Image:
     return Image.fromarray((np.random.RandomState(seed).rand(40, 56, 3) * 255).astype("uint8"))
 
 
-@pytest.fixture(scope="module")
-def llava() -> VLM:
-    model, processor = build_tiny("llava")
-    return VLM(model, processor, "tiny-llava")
+@pytest.fixture
+def llava(tiny_llava: VLM) -> VLM:
+    return tiny_llava  # the shared session model (conftest); tests that change a model build their own
 
 
 def stock_reference(vlm: VLM, image: Image.Image, answer_ids: list[int]) -> dict:
@@ -126,11 +124,10 @@ def test_chunk_size_does_not_change_results_and_layers_run_chunk_by_chunk(llava:
                                [whole.saliency["image->output"][1], whole.saliency["image->output"][3]], rtol=1e-5)
 
 
-def test_uniform_attention_gives_the_known_shares() -> None:
-    model, processor = build_tiny("llava")
+def test_uniform_attention_gives_the_known_shares(tiny_vlm) -> None:
+    vlm = tiny_vlm("llava")
     with torch.no_grad():
-        model.get_decoder().layers[2].self_attn.q_proj.weight.zero_()
-    vlm = VLM(model, processor, "tiny-llava-uniform")
+        vlm.model.get_decoder().layers[2].self_attn.q_proj.weight.zero_()
     result = flow(vlm, make_image(), PROMPT, answer=ANSWER, cam=None)
     prompt_len = len(result.prompt_ids)
     answer_len = len(result.answer_ids)
@@ -142,7 +139,7 @@ def test_uniform_attention_gives_the_known_shares() -> None:
         assert result.attention_shares[g][2] == pytest.approx(expected, abs=1e-6)
 
 
-def test_generated_answer_coded_cam_and_other_families(llava: VLM) -> None:
+def test_generated_answer_and_coded_cam(llava: VLM) -> None:
     generated = llava.generate(make_image(), PROMPT, max_new_tokens=4)
     result = flow(llava, make_image(), PROMPT, max_new_tokens=4, cam="coded")
     eos = llava.adapter.tokenizer.eos_token_id
@@ -151,21 +148,68 @@ def test_generated_answer_coded_cam_and_other_families(llava: VLM) -> None:
     normalized = result.cam_maps()
     assert result.cam["threshold"] == 0.5 and result.cam["feature"] == "post_attention_layernorm"
     assert np.all((normalized == 0) | (normalized >= 0.5)) and normalized.max() == pytest.approx(1.0)
-    for arch, shape in (("llava-next", (4, 4, 4)), ("qwen2-vl", (4, 2, 4))):
-        model, processor = build_tiny(arch)
-        vlm = VLM(model, processor, arch)
-        other = flow(vlm, make_image(), PROMPT, answer=ANSWER, chunk_size=4, smooth_samples=2 if arch == "qwen2-vl"
-                     else 0)
-        assert other.cam_maps().shape == shape
-        for layer in range(4):
-            assert sum(other.attention_shares[g][layer] for g in GROUPS) == pytest.approx(1.0, abs=1e-5)
-        if arch == "llava-next":
-            assert set(other.cam["grids"]) == {"base", "tiles"}
 
 
-def test_qwen_saliency_equals_stock_autograd() -> None:
-    model, processor = build_tiny("qwen2-vl")
-    vlm = VLM(model, processor, "tiny-qwen2-vl")
+def stock_cams(vlm: VLM, inputs, pixel_values: torch.Tensor | None = None) -> np.ndarray:
+    """Described LLaVA-CAM by plain autograd on the stock model: heat [layers - 1, grid tokens] of the layer
+    outputs hidden_states[1..L-1] at the image-grid positions (the adapter's grid layout, newlines left out)."""
+    model = vlm.model
+    batch = inputs.batch
+    model_inputs = dict(batch.model_inputs)
+    if pixel_values is not None:
+        model_inputs["pixel_values"] = pixel_values
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **model_inputs,
+                output_hidden_states=True)
+    p, n = inputs.prompt_len, len(inputs.answer_ids)
+    z = out.logits[0, p - 1: p - 1 + n].float().gather(1, torch.tensor(inputs.answer_ids)[:, None]).sum()
+    hidden = out.hidden_states[1:-1]
+    grads = torch.autograd.grad(z, hidden)
+    model.zero_grad(set_to_none=True)
+    start = int(batch.image_mask[0].nonzero()[0])
+    positions = torch.as_tensor(np.concatenate([start + g.indices().ravel() for g in inputs.grids]))
+    return np.stack([torch.relu(h[0, positions] @ g[0, positions].mean(0)).detach().double().numpy()
+                     for h, g in zip(hidden, grads)])
+
+
+@pytest.mark.parametrize("arch, shape", [("llava-next", (4, 4, 4)), ("qwen2-vl", (4, 2, 4))])
+def test_next_and_qwen_cams_equal_stock_autograd(request, arch: str, shape: tuple[int, int, int]) -> None:
+    vlm = request.getfixturevalue({"llava-next": "tiny_llava_next", "qwen2-vl": "tiny_qwen2_vl"}[arch])
+    image = make_image()
+    result = flow(vlm, image, PROMPT, answer=ANSWER, chunk_size=4)
+    assert result.cam_maps().shape == shape
+    inputs = build_inputs(vlm, vlm.encode([image], [PROMPT]), result.answer_ids)
+    expected = stock_cams(vlm, inputs)
+    raw = np.concatenate([result.cam_maps(g.name, normalized=False).reshape(4, -1) for g in result.grids], axis=1)
+    np.testing.assert_allclose(raw[:3], expected, rtol=1e-4, atol=1e-6)
+    assert raw[:3].max() > 0  # a map that is all zero would pass the comparison trivially
+    for layer in range(4):
+        assert sum(result.attention_shares[g][layer] for g in GROUPS) == pytest.approx(1.0, abs=1e-5)
+    if arch == "llava-next":
+        assert set(result.cam["grids"]) == {"base", "tiles"}
+
+
+def test_smoothgrad_averages_the_clean_and_the_noisy_copies(llava: VLM) -> None:
+    image, samples, sigma, seed = make_image(), 2, 0.3, 5
+    result = flow(llava, image, PROMPT, answer=ANSWER, smooth_samples=samples, smooth_sigma=sigma, seed=seed)
+    # Every pass counted: one saliency pass (4 layers, chunk 8), the clean CAM pass and two noisy ones.
+    assert result.runtime["cam_passes"] == samples + 1
+    assert result.runtime["forward_backward_passes"] == 1 + samples + 1
+    inputs = build_inputs(llava, llava.encode([image], [PROMPT]), result.answer_ids)
+    pixels = inputs.batch.model_inputs["pixel_values"]
+    generator = torch.Generator().manual_seed(seed)  # the documented noise: N(0, sigma) from this generator
+    copies = [stock_cams(llava, inputs)]
+    for _ in range(samples):
+        copies.append(stock_cams(llava, inputs, pixels + torch.randn(pixels.shape, generator=generator) * sigma))
+    raw = result.cam_maps(normalized=False).reshape(4, -1)
+    np.testing.assert_allclose(raw[:3], np.mean(copies, axis=0), rtol=1e-4, atol=1e-6)
+    # The clean pass matters: the average without it differs.
+    assert not np.allclose(raw[:3], np.mean(copies[1:], axis=0), rtol=1e-3, atol=1e-6)
+    assert result.provenance["seed"] == seed and result.params["smooth_sigma"] == sigma
+
+
+def test_qwen_saliency_equals_stock_autograd(tiny_qwen2_vl: VLM) -> None:
+    vlm = tiny_qwen2_vl
+    model = vlm.model
     image = make_image(1)
     result = flow(vlm, image, PROMPT, answer=ANSWER, cam=None)
     batch = vlm.encode([image], [PROMPT])
@@ -232,7 +276,8 @@ def test_cli_writes_flow_json_and_plots(tmp_path, capsys) -> None:
     code = cli_main(["flow", "--model", "tiny-llava", "--image", str(image_path), "--prompt", PROMPT,
                      "--answer", ANSWER, "--chunk-size", "2", "--out", str(out)])
     assert code == 0
-    data = json.loads((out / "flow.json").read_text())
+    data = json.loads((out / "run.json").read_text())
+    assert data["kind"] == "flow" and data["provenance"]["model"] == "tiny-llava"
     assert set(data["attention_shares"]) == set(GROUPS)
     assert all(len(v) == 4 for v in data["saliency"].values())
     assert set(MAIN_FLOWS) <= set(data["saliency"])

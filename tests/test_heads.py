@@ -22,7 +22,6 @@ from vlmscope.explain.heads import (
     select_heads,
     spatial_entropy,
 )
-from vlmscope.models.tiny import build_tiny
 
 PROMPT = "the red ball on the left"
 
@@ -163,9 +162,8 @@ def make_images(n: int) -> list[Image.Image]:
     return [Image.fromarray((np.random.RandomState(i).rand(36, 48, 3) * 255).astype("uint8")) for i in range(n)]
 
 
-def test_image_attention_matches_stock_and_rank_counts() -> None:
-    model, processor = build_tiny("llava")
-    vlm = VLM(model, processor, "tiny-llava")
+def test_image_attention_matches_stock_and_rank_counts(tiny_llava: VLM) -> None:
+    vlm = tiny_llava
     images = make_images(3)
     sums, maps = image_attention(vlm, images[0], PROMPT)
     stock = stock_last_row(vlm, images[0], PROMPT)
@@ -183,9 +181,8 @@ def test_image_attention_matches_stock_and_rank_counts() -> None:
     assert ranking.heads(1) == [(ranking.ranking[0]["layer"], ranking.ranking[0]["head"])]
 
 
-def test_next_uses_base_grid_for_entropy() -> None:
-    model, processor = build_tiny("llava-next")
-    vlm = VLM(model, processor, "tiny-llava-next")
+def test_next_uses_base_grid_for_entropy(tiny_llava_next: VLM) -> None:
+    vlm = tiny_llava_next
     image = make_images(1)[0]
     sums, maps = image_attention(vlm, image, PROMPT)
     batch = vlm.encode([image], [PROMPT])
@@ -203,12 +200,13 @@ def test_cli_prints_and_saves_the_ranking(tmp_path, capsys) -> None:
     for i, image in enumerate(make_images(2)):
         image.save(folder / f"{i}.png")
     (folder / "notes.txt").write_text("not an image")
-    out = tmp_path / "heads.json"
+    out = tmp_path / "heads"
     assert cli_main(["heads", "--model", "tiny-llava", "--images", str(folder), "--prompt", PROMPT,
                      "--top", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "rank  layer  head  count" in printed
-    data = json.loads(out.read_text())
+    data = json.loads((out / "run.json").read_text())
+    assert data["kind"] == "heads" and data["provenance"]["model"] == "tiny-llava"
     assert data["top_k"] == 3 and len(data["images"]) == 2 and len(data["per_image"]) == 2
     # Fewer than --top heads may survive the exclusions on a 4-layer model.
     assert sum(r["count"] for r in data["ranking"]) == sum(len(e["top"]) for e in data["per_image"])

@@ -345,12 +345,40 @@ def test_unsupported_combinations_raise_at_setup(vlm, specs, message):
     assert not any(m._forward_pre_hooks for m in vlm.model.modules())
 
 
-def test_compatible_combinations_run(vlm):
-    # pai and aai on disjoint layers, fastv + full truncation, fastv + aai (kept-key weights gathered).
-    for specs in (["pai:start=0,end=2", "aai:start=2,warmup=false"], ["fastv:k=1", "truncate:layer=3"],
-                  ["fastv:k=1", "aai:warmup=false,start=1"], ["truncate:layer=2,keep=4", "pai"]):
-        results = _generate(vlm, specs, n=3)
-        assert all(len(r.token_ids) == 3 for r in results)
+# fastv ranks per row here: with the reference's row-0 ranking a batch does not equal its inputs alone.
+@pytest.mark.parametrize("specs", [
+    ["pai:start=0,end=2", "aai:start=2,warmup=false"],  # pai and aai on disjoint layers
+    ["fastv:k=1,rank_per_row=true", "truncate:layer=3"],  # fastv + full truncation
+    ["fastv:k=1,rank_per_row=true", "aai:warmup=false,start=1"],  # fastv + aai (kept-key weights gathered)
+    ["truncate:layer=2,keep=4", "pai"],
+])
+def test_compatible_combinations_run(vlm, specs):
+    results = _generate(vlm, specs, n=3)
+    for row, result in enumerate(results):
+        # Oracle 1: the batch equals each input run alone (left padding and the other row change nothing).
+        alone = _generate(vlm, specs, [IMAGES[row]], [PROMPTS[row]], n=3)[0]
+        assert result.token_ids == alone.token_ids
+        np.testing.assert_allclose(result.scores, alone.scores, atol=2e-4)
+        # Oracle 2: neither method is silently dropped. Teacher-forced on the combination's tokens, the
+        # combination scores them differently from each method alone and from no steering.
+        both = _forced_logprobs(vlm, specs, row, result.token_ids)
+        np.testing.assert_allclose(both, result.scores, atol=2e-4)
+        for single in (None, specs[:1], specs[1:]):
+            other = _forced_logprobs(vlm, single, row, result.token_ids)
+            assert np.abs(np.asarray(other) - both).max() > 1e-4, f"{specs} acts like {single}"
+
+
+def _forced_logprobs(vlm, specs, row, tokens):
+    """Log-probabilities of `tokens` for input `row` alone under `specs`, fed token by token."""
+    batch = vlm.encode([IMAGES[row]], [PROMPTS[row]])
+    scores = []
+    with torch.no_grad(), GenerationRun(vlm.model, vlm.adapter, batch, vlm.resolve_interventions(specs)) as run:
+        logits = run.prefill()
+        for step, token in enumerate(tokens):
+            scores.append(float(torch.log_softmax(logits.float(), -1)[0, token]))
+            if step < len(tokens) - 1:
+                logits = run.advance(torch.tensor([token]))
+    return scores
 
 
 def test_bad_parameters_raise_input_errors():

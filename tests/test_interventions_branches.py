@@ -8,6 +8,7 @@ batches.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -15,10 +16,9 @@ import torch
 from PIL import Image
 
 from vlmscope.api import VLM
-from vlmscope.decoding.session import GenerationRun
+from vlmscope.decoding.session import GenerationRun, Intervention
 from vlmscope.interventions import INTERVENTIONS
 from vlmscope.interventions.vcd import add_diffusion_noise, diffusion_coefficients, noised_model_inputs
-from vlmscope.models.tiny import build_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,9 +34,8 @@ IMAGES = [_image(0), _image(1)]
 
 
 @pytest.fixture(scope="module")
-def vlm() -> VLM:
-    model, processor = build_tiny("llava")
-    return VLM(model, processor, "tiny-llava")
+def vlm(tiny_llava: VLM) -> VLM:
+    return tiny_llava  # the shared session model (conftest); nothing here changes its weights
 
 
 def _generate(vlm, spec=None, images=IMAGES, prompts=PROMPTS, n=6, decoding="greedy"):
@@ -198,18 +197,34 @@ def test_identity_settings_equal_plain_beam_search(vlm, plain_beam, spec):
 @pytest.mark.parametrize("spec", ["pai:start=0,alpha=1", "aai:alpha=1,warmup_steps=1", "truncate:layer=1",
                                   "truncate:layer=2,keep=4", "fastv:k=1", "fastv:k=1,mode=mask", "vcd",
                                   "pai:cfg=true,gamma=2"])
-def test_every_method_runs_under_beam_search(vlm, plain_beam, spec):
-    steered = _generate(vlm, spec, decoding=BEAM)
-    assert len(steered) == 2
-    for result in steered:
-        assert 0 < len(result.token_ids) <= 6 and len(result.scores) == len(result.token_ids)
-        assert all(np.isfinite(result.scores))
+def test_every_method_steers_beam_search_as_it_steers_one_sequence(vlm, spec):
+    # Oracle: each returned hypothesis, teacher-forced alone (one row: no beams, no reorders) through the same
+    # intervention, gets the per-token log-probabilities the beam search reported, and its sequence score is
+    # their sum over the length (length_penalty 1). Beam reorders that left the intervention's state behind
+    # (a branch cache, a key ranking, a step count) would break this. One input per search, so row-0 rankings
+    # (fastv's default) are the input's own.
+    for image, prompt in zip(IMAGES, PROMPTS):
+        result = _generate(vlm, spec, [image], [prompt], decoding=BEAM)[0]
+        assert result.token_ids, "empty hypothesis"
+        want = _teacher_forced_logprobs(vlm, image, prompt, spec, result.token_ids)
+        np.testing.assert_allclose(result.scores, want, atol=2e-4)
+        assert result.sequence_score == pytest.approx(sum(want) / len(want), abs=2e-4)
+        # The intervention does steer: unsteered, the same tokens are scored differently.
+        plain = _teacher_forced_logprobs(vlm, image, prompt, None, result.token_ids)
+        assert np.abs(np.asarray(plain) - want).max() > 1e-3, "the intervention changed nothing"
 
 
-def test_vcd_with_sampling_is_reproducible(vlm):
-    spec, decoding = "vcd", "sample:seed=3"
-    first, second = _generate(vlm, spec, decoding=decoding), _generate(vlm, spec, decoding=decoding)
-    assert [r.token_ids for r in first] == [r.token_ids for r in second]
+def _teacher_forced_logprobs(vlm, image, prompt, spec, tokens):
+    """Log-probabilities of `tokens` under the (steered) processed logits, one row, fed token by token."""
+    batch = vlm.encode([image], [prompt])
+    scores = []
+    with torch.no_grad(), GenerationRun(vlm.model, vlm.adapter, batch, vlm.resolve_interventions(spec)) as run:
+        logits = run.prefill()
+        for step, token in enumerate(tokens):
+            scores.append(float(torch.log_softmax(logits.float(), -1)[0, token]))
+            if step < len(tokens) - 1:
+                logits = run.advance(torch.tensor([token]))
+    return scores
 
 
 # --- a batch equals its inputs run alone ------------------------------------------------------------------------------
@@ -244,13 +259,59 @@ def test_interventions_steer_neutral_opera_as_beam_search(vlm, spec):
         assert got.sequence_score == pytest.approx(want.sequence_score, abs=1e-4)
 
 
-@pytest.mark.parametrize("spec", ["pai:start=0,alpha=1", "aai:alpha=1,warmup_steps=1", "truncate:layer=1",
-                                  "fastv:k=1"])
+@dataclass
+class _AggregationColumn(Intervention):
+    """Pulls the last layer's attention onto one key (response token 12), so OPERA finds an aggregation
+    column there and rolls back (test_opera.py: the same construction without other interventions)."""
+
+    key_index: int = 0
+    layer: int = 3
+    bias: float = 40.0
+
+    def setup(self, run):
+        run.plan.add_edit(self.layer, self._edit)
+
+    def _edit(self, logits, ctx):
+        if ctx.key_len <= self.key_index:
+            return logits
+        bump = torch.zeros(ctx.key_len, dtype=logits.dtype, device=logits.device)
+        bump[self.key_index] = self.bias
+        return logits + bump
+
+
+ROLLBACK_OPERA = "opera:num_beams=2,num_attn_candidates=2,threshold=3"
+
+
+def _opera_with_column(vlm, spec, images, prompts, n=24):
+    magnet = _AggregationColumn(key_index=vlm.encode(list(images), list(prompts)).input_ids.shape[1] + 12)
+    steering = [*vlm.resolve_interventions(spec), magnet]
+    return vlm.generate(list(images), list(prompts), max_new_tokens=n, decoding=ROLLBACK_OPERA,
+                        interventions=steering)
+
+
+@pytest.mark.parametrize("spec", [
+    pytest.param("pai:start=0,alpha=1", marks=pytest.mark.xfail(
+        strict=True, reason="known bug: PAI in a left-padded batch decodes differently from the input alone once "
+        "OPERA rolls back (equal without rollback); remove this mark when fixed")),
+    "aai:alpha=1,warmup_steps=1", "truncate:layer=1",
+    # Mask mode keeps every key in the cache, so the column's key index stays where the magnet put it.
+    "fastv:k=1,mode=mask,rank_per_row=true"])
 def test_interventions_run_under_opera_with_rollback(vlm, spec):
-    # scale_factor 500 and threshold 2 make the tiny model roll back: the intervention state must follow.
-    results = _generate(vlm, spec, decoding="opera:num_beams=2,threshold=2,scale_factor=500", n=10)
-    for result in results:
-        assert 0 < len(result.token_ids) <= 10 and all(np.isfinite(result.scores))
+    together = _opera_with_column(vlm, spec, IMAGES, PROMPTS)
+    for row, result in enumerate(together):
+        events = result.extras["opera"]["rollback_events"]
+        # Rollbacks did happen, at the constructed column (response token 12, rolled back to 13).
+        assert result.extras["opera"]["rollbacks"] == len(events) > 0
+        assert events[0]["location"] == 12 and events[0]["position"] == 13
+        # Oracle: the input alone (no padding, no other row) rolls back and decodes the same way, so each row's
+        # intervention state followed its own rollbacks.
+        alone = _opera_with_column(vlm, spec, [IMAGES[row]], [PROMPTS[row]])[0]
+        assert result.token_ids == alone.token_ids
+        assert result.sequence_score == pytest.approx(alone.sequence_score, abs=1e-4)
+        assert events == alone.extras["opera"]["rollback_events"]
+    # And the intervention acts: without it the same rollback setting decodes differently.
+    unsteered = _opera_with_column(vlm, None, IMAGES, PROMPTS)
+    assert [r.token_ids for r in together] != [r.token_ids for r in unsteered]
 
 
 @pytest.mark.parametrize("spec", ["vcd", "pai:cfg=true"])

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+import vlmscope
 from vlmscope.errors import InputError
 from vlmscope.eval.pope import (
     build_pope,
@@ -22,7 +22,8 @@ from vlmscope.eval.pope import (
     write_questions,
 )
 
-SHARED = Path(os.environ.get("VLMSCOPE_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared") / "data" / "pope"
+# The official question files ship inside the package (vlmscope/data/pope): no shared data, no skip.
+PACKAGED = Path(vlmscope.__file__).resolve().parent / "data" / "pope"
 
 # answer → (official, opera, exact); vcd depends on the label and is tested separately.
 PARSE_CASES = {
@@ -128,9 +129,7 @@ def test_answer_and_question_files(tmp_path: Path) -> None:
 
 def test_official_question_files() -> None:
     for split in ("random", "popular", "adversarial"):
-        path = SHARED / f"coco_pope_{split}.jsonl"
-        if not path.exists():
-            pytest.skip(f"shared data {path} not present (CI provides it beside the repository)")
+        path = PACKAGED / f"coco_pope_{split}.jsonl"
         qs = load_questions(path)
         assert len(qs) == 3000 and {q["split"] for q in qs} == {split}
         assert Counter(q["label"] for q in qs) == {"yes": 1500, "no": 1500}

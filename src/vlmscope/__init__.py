@@ -7,7 +7,29 @@ from typing import TYPE_CHECKING, Any
 from vlmscope.errors import InputError, UnsupportedModelError, VlmscopeError
 
 __version__ = "0.1.0"
-__all__ = ["load", "VlmscopeError", "InputError", "UnsupportedModelError", "__version__"]
+__all__ = ["VLM", "InputError", "UnsupportedModelError", "VlmscopeError", "__version__", "load", "load_result"]
+
+
+def load_result(out_dir: Any, **kwargs: Any) -> Any:
+    """Read a saved result folder back by the kind in its run.json: explain, flow, heads, or an eval run
+    (see `vlmscope.results.load`)."""
+    from vlmscope.results import load as _load
+
+    return _load(out_dir, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    # `vlmscope.VLM` on first use, so that importing vlmscope stays light.
+    if name == "VLM":
+        from vlmscope.api import VLM
+
+        return VLM
+    raise AttributeError(f"module 'vlmscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # Only the public names; submodules (vlmscope.explain, ...) are imported by their full name.
+    return sorted(__all__)
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlmscope.api import VLM

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,11 @@ from vlmscope.images import load_image
 from vlmscope.interventions import INTERVENTIONS
 from vlmscope.models.adapters import Adapter, Batch, adapter_for
 from vlmscope.models.loading import load_model_and_processor
+
+if TYPE_CHECKING:  # pragma: no cover - the explain results import nothing from here at runtime
+    from vlmscope.explain.flow import FlowResult
+    from vlmscope.explain.heads import HeadRanking
+    from vlmscope.explain.maps import ExplainResult
 
 
 @dataclass
@@ -39,6 +44,11 @@ class GenerationResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def __repr__(self) -> str:
+        text = self.text if len(self.text) <= 60 else self.text[:59] + "…"
+        steering = f", interventions={self.interventions}" if self.interventions else ""
+        return f"GenerationResult({text!r}, tokens={len(self.token_ids)}, decoding={self.decoding!r}{steering})"
 
 
 def _as_list(value: Any) -> tuple[list[Any], bool]:
@@ -137,16 +147,78 @@ class VLM:
             ))
         return results
 
-    # --- explain / flow are provided by vlmscope.explain -----------------------------------------------
-    def explain(self, image: Any, prompt: str, **kwargs: Any) -> Any:
+    # --- explanations (vlmscope.explain) -----------------------------------------------------------------
+    def explain(self, image: Any, prompt: Any, *, steps: Any = "all", layers: Any = "all", heads: Any = "all",
+                reduce: Any = "layers,heads", reduce_op: str = "mean", scale: str = "shared",
+                max_new_tokens: int = 32) -> ExplainResult | list[ExplainResult]:
+        """Greedy-generate an answer and capture each generated token's attention to the image tokens.
+
+        `image`: a path or PIL image; `prompt`: the question or instruction. Lists of images and prompts (or
+        a list of images with one prompt) give a list of results, one run per input (not a padded batch).
+        `steps`: "all" or generated-token indices (0 = the first token); `layers` / `heads`: "all", 14,
+        "0-3", "13,24" or lists of ints (negative counts from the end). `reduce` ("none", "all" or a
+        combination of "steps", "layers", "heads"), `reduce_op` ("mean", "max", "sum") and `scale`
+        ("shared", "per-map") are the defaults for the result's `.reduce()`, `.plot()` and `.save()`; the
+        stored maps are always raw, `[steps, layers, heads, grid_h, grid_w]`.
+        """
         from vlmscope.explain.maps import explain
 
-        return explain(self, image, prompt, **kwargs)
+        pairs, is_batch = _pairs(image, prompt)
+        results = [explain(self, im, p, steps=steps, layers=layers, heads=heads, reduce=reduce,
+                           reduce_op=reduce_op, scale=scale, max_new_tokens=max_new_tokens) for im, p in pairs]
+        return results if is_batch else results[0]
 
-    def flow(self, image: Any, prompt: str, answer: str | None = None, **kwargs: Any) -> Any:
+    def flow(self, image: Any, prompt: Any, answer: Any = None, *, max_new_tokens: int = 32, layers: Any = "all",
+             chunk_size: int = 8, cam: str | None = "described", cam_threshold: float | None = None,
+             smooth_samples: int = 0, smooth_sigma: float = 0.1, seed: int = 0) -> FlowResult | list[FlowResult]:
+        """Information flow per decoder layer for `answer` (greedy-generated when None): attention shares of
+        prefix / image / instruction / output, saliency flows |A ⊙ ∂L/∂A| and per-layer LLaVA-CAMs.
+
+        Lists of images and prompts (and answers, or None) give a list of results, one run per input.
+        `layers`: which decoder layers ("all", "0-15", 14, lists). `chunk_size`: layers per forward+backward
+        (memory grows with it, passes shrink). `cam`: "described" (the paper), "coded" (the released script)
+        or None. `cam_threshold` zeroes normalised CAM values below it (coded default 0.5). `smooth_samples`
+        > 0 averages the CAM over the clean input and that many noisy copies (pixel noise std `smooth_sigma`,
+        seeded by `seed`).
+        """
         from vlmscope.explain.flow import flow
 
-        return flow(self, image, prompt, answer=answer, **kwargs)
+        pairs, is_batch = _pairs(image, prompt)
+        answers = list(answer) if isinstance(answer, list | tuple) else [answer] * len(pairs)
+        if len(answers) != len(pairs):
+            raise InputError(f"{len(answers)} answers for {len(pairs)} inputs: give one answer per input")
+        results = [flow(self, im, p, answer=a, max_new_tokens=max_new_tokens, layers=layers,
+                        chunk_size=chunk_size, cam=cam, cam_threshold=cam_threshold,
+                        smooth_samples=smooth_samples, smooth_sigma=smooth_sigma, seed=seed)
+                   for (im, p), a in zip(pairs, answers)]
+        return results if is_batch or isinstance(answer, list | tuple) else results[0]
+
+    def heads(self, images: Any, prompt: str, *, top_k: int = 5, min_layer: int = 2) -> HeadRanking:
+        """Rank localization heads (Kang et al. 2025) over `images` for one prompt.
+
+        `images`: a directory (its image files, sorted), one path or PIL image, or a list of them. One prefill
+        per image; per image the `top_k` heads by attention-sum elbow and spatial entropy (layers below
+        `min_layer` excluded), then heads ranked by how often they are selected (`.heads(k)`, `.table()`).
+        """
+        from vlmscope.explain.heads import rank_heads
+
+        return rank_heads(self, images, prompt, top_k=top_k, min_layer=min_layer)
+
+
+def _pairs(image: Any, prompt: Any) -> tuple[list[tuple[Any, Any]], bool]:
+    """(image, prompt) pairs from single values or lists (one prompt may serve every image), and whether a list
+    was given."""
+    images, images_listed = _as_list(image)
+    prompts, prompts_listed = _as_list(prompt)
+    if len(prompts) == 1 and len(images) > 1:
+        prompts = prompts * len(images)
+    if len(images) == 1 and len(prompts) > 1:
+        images = images * len(prompts)
+    if len(images) != len(prompts):
+        raise InputError(f"{len(images)} images for {len(prompts)} prompts: give one image per prompt")
+    if not images:
+        raise InputError("no inputs: give an image and a prompt (or lists of them)")
+    return list(zip(images, prompts)), images_listed or prompts_listed
 
 
 def _spec(method: Any) -> str:

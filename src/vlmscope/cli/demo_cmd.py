@@ -164,7 +164,7 @@ def _localization_heads(vlm: Any, images: list[Any], scenes: list[Any], world: d
     from vlmscope.explain.maps import explain
 
     ranking = rank_heads(vlm, images, world["prompt"], top_k=HEADS_SHOWN, min_layer=min(2, vlm.adapter.num_layers - 1))
-    ranking.save(out / "heads" / "ranking.json")
+    ranking.save(out / "heads")
     top = ranking.heads(HEADS_SHOWN)
     result: dict[str, Any] = {"ranking": [[layer, head] for layer, head in top], "figures": []}
     if not top:
@@ -243,7 +243,7 @@ def _html(report: dict[str, Any], n_images: int) -> str:
     if heads.get("ranking"):
         names = ", ".join(f"L{layer}H{head}" for layer, head in heads["ranking"])
         head_html = (f"<h2>Localization heads</h2><p>Top heads by the Kang et al. criteria (attention sum elbow, "
-                     f"spatial entropy): {esc(names)} (<a href='heads/ranking.json'>ranking.json</a>).</p>")
+                     f"spatial entropy): {esc(names)} (<a href='heads/run.json'>run.json</a>).</p>")
         if heads.get("pointing"):
             rates = ", ".join(f"{k}: {v:.0%}" for k, v in heads["pointing"]["hit_rate"].items())
             head_html += (f"<p>Pointing game on {heads['pointing']['n']} objects (peak of the object word's map "

@@ -59,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
     from vlmscope.explain.maps import explain
     from vlmscope.explain.select import check_range, parse_indices, parse_reduce
     from vlmscope.images import load_image
+    from vlmscope.results import check_output_dir
 
     # Cheap checks before loading a model, so a typo fails in a second.
+    check_output_dir(args.out, "explain")
     layers = parse_indices(args.layers, "layer")
     heads = parse_indices(args.heads, "head")
     parse_indices(args.steps, "step")

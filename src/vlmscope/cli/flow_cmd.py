@@ -18,7 +18,7 @@ from vlmscope.cli._common import (
 from vlmscope.cli.explain_cmd import add_model_args
 
 # What `FlowResult.save` writes; a re-run into the same folder replaces exactly these.
-OWNED = ("flow.json", "flows.png", "cam*.png")
+OWNED = ("run.json", "flows.png", "cam*.png")
 
 
 def _owned(name: str) -> bool:
@@ -28,7 +28,7 @@ def _owned(name: str) -> bool:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("flow", help="information flow between prefix/image/instruction/output per layer",
                               description="Teacher-force an answer (greedy-generated when --answer is omitted) "
-                              "and write flow.json (attention shares, saliency flows, CAMs), flows.png, cam.png.")
+                              "and write run.json (attention shares, saliency flows, CAMs), flows.png, cam.png.")
     add_model_args(p)
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="question or instruction")
@@ -53,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     from vlmscope.explain.flow import MAIN_FLOWS, flow
     from vlmscope.explain.select import check_range, parse_indices
     from vlmscope.images import load_image
+    from vlmscope.results import check_output_dir
 
+    check_output_dir(args.out, "flow")
     layers = parse_indices(args.layers, "layer")
     image = load_image(args.image)
     out = check_out_dir(args.out, _owned, "flow")

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from vlmscope.cli._common import add_json_arg, check_device, emit_json, human_stream, min_int
 from vlmscope.cli.explain_cmd import add_model_args
-from vlmscope.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="e.g. a referring expression or question")
     p.add_argument("--top", type=min_int(1), default=5, help="heads selected per image (default 5)")
     p.add_argument("--min-layer", type=min_int(0), default=2, help="exclude layers below this (default 2: layers 0-1)")
-    p.add_argument("--out", default=None, help="write the ranking as JSON here (a file; replaced if present)")
+    p.add_argument("--out", default=None, help="output directory: the ranking is written to DIR/run.json")
     add_json_arg(p, "print the ranking as JSON on stdout (the table goes to stderr)")
     p.set_defaults(func=run)
 
@@ -27,18 +25,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import vlmscope
     from vlmscope.explain.heads import image_files, rank_heads
+    from vlmscope.results import check_output_dir
 
+    if args.out:
+        check_output_dir(args.out, "heads")
     images = image_files(args.images)  # fail on a bad directory before loading the model
-    if args.out is not None and Path(args.out).is_dir():
-        raise InputError(f"--out {args.out} is a folder; name the JSON file to write")
     vlm = vlmscope.load(args.model, device=check_device(args.device), dtype=args.dtype)
     ranking = rank_heads(vlm, images, args.prompt, top_k=args.top, min_layer=args.min_layer)
     text = human_stream(args)
     print(f"{len(images)} image(s), top {args.top} heads per image; heads by selection frequency:", file=text)
     print(ranking.table(), file=text)
     if args.out:
-        path = ranking.save(args.out)
-        print(f"saved {path}", file=text)
+        print(f"saved {ranking.save(args.out)['run']}", file=text)
     text.flush()
     if args.json:
         from vlmscope.explain._json import json_safe

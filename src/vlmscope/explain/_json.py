@@ -1,17 +1,7 @@
-"""JSON output of explanation results."""
+"""JSON output of explanation results: `json_safe` now lives in `vlmscope.results` (kept here for importers)."""
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from vlmscope.results import json_safe
 
-
-def json_safe(obj: Any) -> Any:
-    """JSON has no infinity or NaN (an infinite entropy, a 0/0 share): write such floats as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [json_safe(v) for v in obj]
-    return obj
+__all__ = ["json_safe"]

@@ -17,7 +17,8 @@ included), instruction (after the image to the end of the prompt), output (the a
    (residual stream) at the image-grid positions, G = ∂z/∂F; "described" (default, the paper): α = mean over
    image positions of G, heat = ReLU(Σ_c α_c F_c). "coded" (the released script, minus its indexing bugs):
    F = the output of `post_attention_layernorm`, α = mean over positions of ReLU(G), heat = ReLU(mean_c α_c F_c),
-   max-normalised and thresholded at 0.5. Optional SmoothGrad (noise on the pixel values).
+   max-normalised and thresholded at 0.5. Optional SmoothGrad (noise on the pixel values): the heat is the mean
+   over the clean input and `smooth_samples` noisy copies (1 + smooth_samples CAM passes).
 
 Memory, layer by layer: the saliency needs each layer's full [heads, T, T] probabilities and their gradient.
 Layers are processed in chunks of `chunk_size`: one forward + backward per chunk, with the engine's eager path
@@ -32,13 +33,11 @@ LLaVA-1.5-7B, T ≈ 664: ≈ 170 MB per layer, so chunk_size 8 (≈ 1.4 GB) fits
 from __future__ import annotations
 
 import contextlib
-import json
-import platform
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -47,10 +46,10 @@ from vlmscope.attention.engine import AttentionPlan, attention_plan, decoder_att
 from vlmscope.decoding import DECODINGS
 from vlmscope.errors import InputError
 from vlmscope.explain import render
-from vlmscope.explain._json import json_safe
 from vlmscope.explain.select import check_range, parse_indices
 from vlmscope.images import load_image
 from vlmscope.models.adapters import Batch, ImageGrid
+from vlmscope.results import json_safe, prepare_output_dir, read_run, run_provenance, write_run
 
 GROUPS = ("prefix", "image", "instruction", "output")
 MAIN_FLOWS = ("image->instruction", "image->output", "instruction->output", "output->output")
@@ -77,6 +76,12 @@ class FlowInputs:
 
 @dataclass
 class FlowResult:
+    """Per-layer attention shares, saliency flows and CAMs of one teacher-forced answer (see the module doc).
+
+    Saved as run.json (kind "flow", every number) + flows.png + cam*.png; `FlowResult.load(dir)` reads it back.
+    """
+
+    kind: ClassVar[str] = "flow"
     layers: list[int]
     attention_shares: dict[str, list[float]]
     attention_shares_per_token: dict[str, list[list[float]]]
@@ -95,6 +100,13 @@ class FlowResult:
     grids: list[ImageGrid] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     runtime: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        answer = self.answer if len(self.answer) <= 40 else self.answer[:39] + "…"
+        cam = self.cam.get("variant") if self.cam else None
+        return (f"FlowResult(model={self.model_id!r}, answer={answer!r}, layers={len(self.layers)}, "
+                f"answer_tokens={len(self.answer_ids)}, cam={cam!r})")
 
     def cam_maps(self, grid: str | None = None, normalized: bool = True) -> np.ndarray:
         """[layers, grid_h, grid_w] CAM heat maps of one grid."""
@@ -103,6 +115,7 @@ class FlowResult:
 
     def to_json(self) -> dict[str, Any]:
         return json_safe({
+            "kind": self.kind, "provenance": self.provenance,
             "model": self.model_id, "prompt": self.prompt, "answer": self.answer, "answer_ids": self.answer_ids,
             "answer_tokens": self.answer_tokens, "prompt_ids": self.prompt_ids, "groups": self.groups,
             "layers": self.layers,
@@ -110,6 +123,8 @@ class FlowResult:
             "attention_shares_per_token": self.attention_shares_per_token,
             "saliency": self.saliency, "saliency_total": self.saliency_total,
             "saliency_share": self.saliency_share, "cam": self.cam,
+            "grids": [{"name": g.name, "height": g.height, "width": g.width, "region": list(g.region)}
+                      for g in self.grids],
             "definitions": {
                 "attention_shares": "mean over heads and answer tokens of the predicting row's attention "
                                     "summed over each group's keys",
@@ -159,10 +174,9 @@ class FlowResult:
                                    suptitle=f"LLaVA-CAM ({self.cam['variant']}) for {self.answer!r}"[:120])
 
     def save(self, out_dir: str | Path) -> dict[str, str]:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "flow.json").write_text(json.dumps(self.to_json(), indent=2))
-        written = {"json": str(out / "flow.json")}
+        """Write run.json, flows.png and (with an image and a CAM) cam*.png; returns the paths by name."""
+        out = prepare_output_dir(out_dir, self.kind, ("flows.png", "cam*.png", "flow.json"))  # flow.json: older layout
+        written = {"run": str(write_run(out, self.kind, self.to_json()))}
         self.plot_flows().savefig(out / "flows.png")
         written["flows"] = str(out / "flows.png")
         if self.image is not None and self.cam.get("grids"):
@@ -171,6 +185,22 @@ class FlowResult:
                 self.plot_cam(grid.name).savefig(out / f"cam{suffix}.png")
                 written[f"cam{suffix}"] = str(out / f"cam{suffix}.png")
         return written
+
+    @classmethod
+    def load(cls, out_dir: str | Path, image: Any = None) -> FlowResult:
+        """Read a saved flow back from its run.json; pass the image again to plot the CAM."""
+        run = read_run(out_dir, cls.kind)
+        grids = [ImageGrid(g["name"], 0, g["height"], g["width"], g["width"], tuple(g["region"]))
+                 for g in run.get("grids", [])]
+        return cls(
+            layers=run["layers"], attention_shares=run["attention_shares"],
+            attention_shares_per_token=run["attention_shares_per_token"], saliency=run["saliency"],
+            saliency_total=run["saliency_total"], saliency_share=run["saliency_share"], cam=run["cam"],
+            groups=run["groups"], answer=run["answer"], answer_ids=run["answer_ids"],
+            answer_tokens=run["answer_tokens"], prompt_ids=run["prompt_ids"], prompt=run["prompt"],
+            model_id=run["model"], image=load_image(image) if image is not None else None, grids=grids,
+            params=run["params"], runtime=run["runtime"], provenance=run["provenance"],
+        )
 
 
 # --- inputs -------------------------------------------------------------------------------------------------
@@ -388,7 +418,8 @@ def flow(vlm: Any, image: Any, prompt: str, answer: str | None = None, max_new_t
     `chunk_size`: layers per forward+backward for the saliency (memory ∝ chunk_size, passes ∝ 1/chunk_size).
     `cam`: "described" (paper), "coded" (released script: post_attention_layernorm features, ReLU before pooling,
     threshold 0.5 unless `cam_threshold` says otherwise) or None to skip. `smooth_samples` > 0 averages the
-    CAM over that many copies with Gaussian noise (std `smooth_sigma`) on the pixel values.
+    CAM over the clean input and that many copies with Gaussian noise (std `smooth_sigma`, drawn from a
+    generator seeded with `seed`) on the pixel values.
     """
     start = time.perf_counter()
     adapter = vlm.adapter
@@ -434,16 +465,17 @@ def flow(vlm: Any, image: Any, prompt: str, answer: str | None = None, max_new_t
         heat = cam_pass(vlm, inputs, layer_ids, cam)
         cam_passes = 1
         if smooth_samples:
+            # SmoothGrad: the clean pass is copy 0 of the average, the noisy copies follow.
             generator = torch.Generator().manual_seed(seed)
-            total = np.zeros_like(heat)
+            total = heat.copy()
             for _ in range(smooth_samples):
                 noisy = dict(inputs.batch.model_inputs)
                 pixels = noisy["pixel_values"]
                 noise = torch.randn(pixels.shape, generator=generator).to(pixels) * smooth_sigma
                 noisy["pixel_values"] = pixels + noise
                 total += cam_pass(vlm, inputs, layer_ids, cam, noisy)
-            heat = total / smooth_samples
-            cam_passes = smooth_samples
+            heat = total / (smooth_samples + 1)
+            cam_passes += smooth_samples
         peak = heat.max(axis=1, keepdims=True)
         normalized = np.divide(heat, peak, out=np.zeros_like(heat), where=peak > 0)
         if threshold is not None:
@@ -467,18 +499,20 @@ def flow(vlm: Any, image: Any, prompt: str, answer: str | None = None, max_new_t
     tokenizer = adapter.tokenizer
     timings["total_seconds"] = time.perf_counter() - start
     runtime = {**timings, "saliency_passes": len(chunks), "cam_passes": cam_passes,
-               "forward_backward_passes": len(chunks) + cam_passes, "sequence_length": inputs.length,
-               "device": str(vlm.device), "dtype": str(vlm.dtype).replace("torch.", ""),
-               "torch": torch.__version__, "python": platform.python_version()}
+               "forward_backward_passes": len(chunks) + cam_passes, "sequence_length": inputs.length}
     params = {"answer_given": answer is not None, "max_new_tokens": max_new_tokens, "layers": layer_ids,
               "chunk_size": chunk_size, "cam": cam, "cam_threshold": cam_threshold,
-              "smooth_samples": smooth_samples, "loss": "sum of answer-token negative log-likelihoods"}
+              "smooth_samples": smooth_samples, "smooth_sigma": smooth_sigma if smooth_samples else None,
+              "loss": "sum of answer-token negative log-likelihoods"}
+    record = run_provenance(vlm, decoding=DECODINGS.create("greedy") if answer is None else None,
+                            seed=seed if cam is not None and smooth_samples else None,
+                            wall_seconds=timings["total_seconds"])
     return FlowResult(
         layers=layer_ids, attention_shares=shares, attention_shares_per_token=shares_per_token,
         saliency=reductions["mean"], saliency_total=reductions["total"], saliency_share=reductions["share"],
         cam=cam_out, groups=groups, answer=answer_text, answer_ids=answer_ids,
         answer_tokens=[tokenizer.decode([t]) for t in answer_ids],
         prompt_ids=batch.input_ids[0].tolist(), prompt=prompt, model_id=vlm.model_id, image=pil,
-        grids=inputs.grids, params=params, runtime=runtime,
+        grids=inputs.grids, params=params, runtime=runtime, provenance=record,
     )
 

@@ -22,17 +22,18 @@ tokens left out) and the entropy over the base view.
 
 from __future__ import annotations
 
-import json
 import math
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from vlmscope import results
 from vlmscope.attention.engine import AttentionPlan, Capture, decoder_attention_modules
 from vlmscope.decoding.session import GenerationRun
 from vlmscope.errors import InputError
@@ -159,6 +160,12 @@ def image_attention(vlm: Any, image: Any, prompt: str) -> tuple[np.ndarray, np.n
 
 @dataclass
 class HeadRanking:
+    """Localization heads ranked over a set of images: `ranking` (best first) and each image's selection.
+
+    Saved as run.json (kind "heads"); `HeadRanking.load(dir)` reads it back.
+    """
+
+    kind: ClassVar[str] = "heads"
     model_id: str
     prompt: str
     top_k: int
@@ -166,14 +173,23 @@ class HeadRanking:
     min_layer: int = 2
     per_image: list[dict[str, Any]] = field(default_factory=list)
     ranking: list[dict[str, Any]] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        best = ", ".join(f"L{layer}H{head}" for layer, head in self.heads(3))
+        return (f"HeadRanking(model={self.model_id!r}, images={len(self.images)}, top_k={self.top_k}, "
+                f"best=[{best}])")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """JSON-ready (an infinite entropy is null)."""
+        return json_safe({
+            "kind": self.kind,
+            "provenance": self.provenance,
             "model": self.model_id, "prompt": self.prompt, "top_k": self.top_k, "images": self.images,
             "criteria": {"threshold": "chord elbow of attention sums", "score": "spatial entropy (ascending)",
                          "binarize": 1e-3, "bottom_row_limit": 0.05, "min_layer": self.min_layer},
             "ranking": self.ranking, "per_image": self.per_image,
-        }
+        })
 
     def heads(self, k: int | None = None) -> list[tuple[int, int]]:
         """The most frequently selected (layer, head) pairs, best first."""
@@ -187,12 +203,24 @@ class HeadRanking:
                          f"{r['mean_attn_sum']:>9.4f}  {r['mean_entropy']:>12.4f}")
         return "\n".join(lines)
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(json_safe(self.to_json()), indent=2))
-        return path
+    def save(self, out_dir: str | Path) -> dict[str, str]:
+        """Write run.json into `out_dir` (created if missing); returns {"run": path}."""
+        out = results.prepare_output_dir(out_dir, self.kind)
+        return {"run": str(results.write_run(out, self.kind, self.to_json()))}
 
+    @classmethod
+    def load(cls, out_dir: str | Path) -> HeadRanking:
+        """Read a saved ranking back (an infinite entropy was written as null and reads back as inf)."""
+        run = results.read_run(out_dir, cls.kind)
+
+        def entropy(value: Any) -> float:
+            return math.inf if value is None else float(value)
+
+        ranking = [{**r, "mean_entropy": entropy(r["mean_entropy"])} for r in run["ranking"]]
+        per_image = [{**p, "top": [{**t, "entropy": entropy(t["entropy"])} for t in p["top"]]}
+                     for p in run["per_image"]]
+        return cls(run["model"], run["prompt"], run["top_k"], run["images"], run["criteria"]["min_layer"],
+                   per_image, ranking, run["provenance"])
 
 
 def image_files(images: Any) -> list[Any]:
@@ -213,6 +241,7 @@ def rank_heads(vlm: Any, images: Any, prompt: str, top_k: int = 5, min_layer: in
     """Rank localization heads over `images` (a directory or a list) for one prompt."""
     if top_k < 1:
         raise InputError("--top must be at least 1")
+    start = time.perf_counter()
     items = image_files(images)
     names = [str(p) if isinstance(p, str | Path) else f"image{i}" for i, p in enumerate(items)]
     ranking = HeadRanking(vlm.model_id, prompt, top_k, names, min_layer)
@@ -240,4 +269,5 @@ def rank_heads(vlm: Any, images: Any, prompt: str, top_k: int = 5, min_layer: in
                      "mean_entropy": float(np.mean(finite)) if finite else math.inf})
     rows.sort(key=lambda r: (-r["count"], r["mean_entropy"], -r["mean_attn_sum"], r["layer"], r["head"]))
     ranking.ranking = rows
+    ranking.provenance = results.run_provenance(vlm, wall_seconds=time.perf_counter() - start)
     return ranking

@@ -13,12 +13,10 @@ and the unpadded tile grid, newline tokens left out; Qwen2-VL: the merged patch 
 
 from __future__ import annotations
 
-import json
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,6 +28,7 @@ from vlmscope.explain import render
 from vlmscope.explain.select import AXES, check_range, parse_indices, parse_reduce
 from vlmscope.images import load_image
 from vlmscope.models.adapters import ImageGrid
+from vlmscope.results import prepare_output_dir, read_run, run_provenance, write_run
 
 REDUCE_OPS = ("mean", "max", "sum")
 
@@ -40,7 +39,11 @@ class ExplainResult:
 
     `maps` is float32 `[steps, layers, heads, grid_h, grid_w]` for the first grid; `grid_maps` holds every
     grid by name (LLaVA-NeXT: "base" and "tiles"). `tokens[i]` is the token generated at `steps[i]`.
+    `provenance`: versions, model, revision, decoding spec, device, dtype and wall time of the run.
+    Saved as attention.npz + run.json (kind "explain") + overlays; `ExplainResult.load(dir)` reads it back.
     """
+
+    kind: ClassVar[str] = "explain"
 
     grid_maps: dict[str, np.ndarray]
     grids: list[ImageGrid]
@@ -56,6 +59,12 @@ class ExplainResult:
     image: Any = None  # the original PIL image (overlays are drawn on it)
     params: dict[str, Any] = field(default_factory=dict)
     runtime: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{name}: {list(maps.shape)}" for name, maps in self.grid_maps.items())
+        return (f"ExplainResult(model={self.model_id!r}, text={_clip(self.text)!r}, steps={len(self.steps)}, "
+                f"layers={_clip(str(self.layers))}, heads={_clip(str(self.heads))}, maps={{{shapes}}})")
 
     # --- access ---------------------------------------------------------------------------------------
     @property
@@ -128,9 +137,10 @@ class ExplainResult:
 
     def save(self, out_dir: str | Path, reduce: Any = None, scale: str | None = None, overlays: bool = True,
              max_overlays: int = 256) -> dict[str, Any]:
-        """Write attention.npz, run.json, one overlay PNG per reduced map and steps.png; returns the paths."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        """Write attention.npz, run.json, one overlay PNG per reduced map and steps.png; returns the paths.
+
+        Files an earlier explain run left in `out_dir` (overlays, figures) are replaced, not mixed in."""
+        out = prepare_output_dir(out_dir, self.kind, ("attention.npz", "overlay_*.png", "steps*.png"))
         names = parse_reduce(self.params.get("reduce") if reduce is None else reduce)
         scale = scale or self.params.get("scale", "shared")
         arrays: dict[str, Any] = {"maps": self.maps}
@@ -164,12 +174,35 @@ class ExplainResult:
         run = self.to_json()
         run["output"] = {"reduce": list(names) or "none", "scale": scale, "overlays_skipped": skipped,
                          "files": written}
-        (out / "run.json").write_text(json.dumps(run, indent=2))
-        written["run"] = str(out / "run.json")
+        written["run"] = str(write_run(out, self.kind, run))
         return written
+
+    @classmethod
+    def load(cls, out_dir: str | Path, image: Any = None) -> ExplainResult:
+        """Read a saved result back (attention.npz + run.json); pass the image again to plot it."""
+        out = Path(out_dir)
+        run = read_run(out, cls.kind)
+        if not (out / "attention.npz").is_file():
+            raise InputError(f"{out} has no attention.npz: point to a directory written by explain")
+        with np.load(out / "attention.npz") as data:
+            grids = [ImageGrid(g["name"], 0, g["height"], g["width"], g["width"], tuple(g["region"]))
+                     for g in run["grids"]]
+            grid_maps = {grids[0].name: data["maps"]}
+            for grid in grids[1:]:
+                grid_maps[grid.name] = data[f"maps_{grid.name}"]
+            steps, layers, heads = (data[k].tolist() for k in ("steps", "layers", "heads"))
+            tokens = [str(t) for t in data["tokens"]]
+        return cls(
+            grid_maps=grid_maps, grids=grids, steps=steps, layers=layers, heads=heads, tokens=tokens,
+            text=run["text"], token_ids=run["token_ids"], prompt_ids=run["prompt_ids"], prompt=run["prompt"],
+            model_id=run["model"], image=load_image(image) if image is not None else None, params=run["params"],
+            runtime=run["runtime"], provenance=run["provenance"],
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "kind": self.kind,
+            "provenance": self.provenance,
             "model": self.model_id,
             "prompt": self.prompt,
             "text": self.text,
@@ -221,7 +254,8 @@ def explain(vlm: Any, image: Any, prompt: str, steps: Any = "all", layers: Any =
                                                 columns="image", to_cpu=True))
                 for layer in layer_ids]
     gen_start = time.perf_counter()
-    result = vlm.generate_batch(batch, max_new_tokens, DECODINGS.create("greedy"), capture_plan=plan)[0]
+    greedy = DECODINGS.create("greedy")
+    result = vlm.generate_batch(batch, max_new_tokens, greedy, capture_plan=plan)[0]
     gen_seconds = time.perf_counter() - gen_start
 
     generated = len(result.token_ids)
@@ -243,40 +277,15 @@ def explain(vlm: Any, image: Any, prompt: str, steps: Any = "all", layers: Any =
     params = {"steps": step_ids if steps not in (None, "all") else "all", "layers": layer_ids,
               "heads": head_ids, "reduce": list(names) or "none", "reduce_op": reduce_op, "scale": scale,
               "max_new_tokens": max_new_tokens, "decoding": "greedy"}
-    runtime = {"generate_seconds": gen_seconds, "total_seconds": time.perf_counter() - start,
-               "device": str(vlm.device), "dtype": str(vlm.dtype).replace("torch.", ""),
-               "torch": torch.__version__, "transformers": _transformers_version(),
-               "python": platform.python_version(), "eager_calls": plan.calls}
+    total_seconds = time.perf_counter() - start
+    runtime = {"generate_seconds": gen_seconds, "total_seconds": total_seconds, "eager_calls": plan.calls}
     return ExplainResult(
         grid_maps=grid_maps, grids=grids, steps=step_ids, layers=layer_ids, heads=head_ids,
         tokens=[all_tokens[s] for s in step_ids], text=result.text, token_ids=result.token_ids,
         prompt_ids=result.prompt_ids, prompt=prompt, model_id=vlm.model_id, image=pil, params=params,
-        runtime=runtime,
+        runtime=runtime, provenance=run_provenance(vlm, decoding=greedy, wall_seconds=total_seconds),
     )
 
 
-def load_result(out_dir: str | Path, image: Any = None) -> ExplainResult:
-    """Read a saved result back (attention.npz + run.json); pass the image again to plot it."""
-    out = Path(out_dir)
-    if not (out / "attention.npz").is_file() or not (out / "run.json").is_file():
-        raise InputError(f"{out} has no attention.npz/run.json: point to a directory written by explain")
-    run = json.loads((out / "run.json").read_text())
-    data = np.load(out / "attention.npz")
-    grids = [ImageGrid(g["name"], 0, g["height"], g["width"], g["width"], tuple(g["region"]))
-             for g in run["grids"]]
-    grid_maps = {grids[0].name: data["maps"]}
-    for grid in grids[1:]:
-        grid_maps[grid.name] = data[f"maps_{grid.name}"]
-    return ExplainResult(
-        grid_maps=grid_maps, grids=grids, steps=[int(s) for s in data["steps"]],
-        layers=[int(v) for v in data["layers"]], heads=[int(v) for v in data["heads"]],
-        tokens=[str(t) for t in data["tokens"]], text=run["text"], token_ids=run["token_ids"],
-        prompt_ids=run["prompt_ids"], prompt=run["prompt"], model_id=run["model"],
-        image=load_image(image) if image is not None else None, params=run["params"], runtime=run["runtime"],
-    )
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -5,7 +5,7 @@
 - `vocab`: the closed vocabulary and the CHAIR synonym map.
 - `build`: tokenizer, processor, config of the model (stock transformers classes).
 - `train`: the seeded CPU training script. `evaluate`: held-out recall, CHAIR, POPE (the evaluation
-  package's code on the world's ground truth), pointing game.
+  package's code on the world's ground truth), pointing-game targets (the game is `vlmscope.explain.pointing`).
 - `demo_world()`: what `vlmscope demo` needs to run on this world.
 
 The trained model lives in `vlmscope/data/models/shapes/` (`MODEL_DIR`) and loads offline with

@@ -1,9 +1,10 @@
-"""Held-out evaluation of a model on the shapes world: object recall, CHAIR, POPE, pointing game.
+"""Held-out evaluation of a model on the shapes world: object recall, CHAIR, POPE, pointing-game targets.
 
 CHAIR and POPE are the evaluation package's own code (`vlmscope.eval.chair.chair_scores`,
 `vlmscope.eval.pope.build_pope` / `pope_scores`), run unchanged on the world's ground truth: the only
 shapes-specific piece is the synonym table (`chair_vocabulary`), built from `vocab.SYNONYMS`. Generation goes
-through `VLM.generate`, so any decoding method and intervention can be evaluated.
+through `VLM.generate`, so any decoding method and intervention can be evaluated. The pointing game is
+`vlmscope.explain.pointing`'s, on targets built from the scenes' objects and boxes.
 
     python -m vlmscope.shapes.evaluate --n 200 --seed 0 [--model DIR] [--decoding SPEC] [--intervention SPEC]
 """
@@ -19,11 +20,12 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
-import numpy as np
 import torch
 
 from vlmscope.eval.chair import ChairResult, ChairVocabulary, chair_scores
 from vlmscope.eval.pope import SPLITS, build_pope, pope_scores
+from vlmscope.explain.pointing import PointingTarget
+from vlmscope.explain.pointing import pointing_game as explain_pointing_game
 from vlmscope.shapes.vocab import COLOURS, SYNONYMS, word_to_category
 from vlmscope.shapes.world import (
     DEFAULT_CAPTION_PROMPT,
@@ -182,54 +184,16 @@ def evaluate(vlm: Any, n: int = 100, seed: int = 0, decoding: Any = "greedy", in
 # Pointing game
 
 
-def object_token_maps(vlm: Any, scene: Scene, layer_heads: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
-    """For every object of the scene, the attention of the category word in "Is there a {category} in the
-    image?" to the image grid, at each (layer, head): {category: [len(layer_heads), grid, grid]}.
-    One prefill per object; captured with the attention engine (every row, image columns)."""
-    from vlmscope.attention.engine import AttentionPlan, Capture, decoder_attention_modules
-    from vlmscope.decoding.session import GenerationRun
-
-    adapter = vlm.adapter
-    objects = list(scene.objects)
-    batch = vlm.encode([scene.image()] * len(objects), [existence_question(o.category) for o in objects])
-    layers = sorted({layer for layer, _ in layer_heads})
-    plan = AttentionPlan(decoder_attention_modules(vlm.model))
-    captures = {layer: plan.add_capture(layer, Capture(rows="all", columns="image", to_cpu=True)) for layer in layers}
-    with torch.no_grad(), GenerationRun(vlm.model, adapter, batch, (), capture_plan=plan) as run:
-        run.prefill()
-    out = {}
-    for row, o in enumerate(objects):
-        word_id = adapter.tokenizer.convert_tokens_to_ids(o.category)
-        position = int((batch.input_ids[row] == word_id).nonzero().flatten()[-1])
-        grid = adapter.image_grids(batch, row)[0]
-        maps = [grid.take(captures[layer].records[0][row, head, position].float().numpy())
-                for layer, head in layer_heads]
-        out[o.category] = np.stack(maps)
-    return out
-
-
-def peak_in_box(attn_map: np.ndarray, box: tuple[int, int, int, int], image_size: int) -> bool:
-    """Whether the centre of the map's highest cell lies inside `box` (pixels, x1/y1 exclusive)."""
-    rows, cols = attn_map.shape
-    r, c = np.unravel_index(int(np.argmax(attn_map)), attn_map.shape)
-    x, y = (c + 0.5) * image_size / cols, (r + 0.5) * image_size / rows
-    x0, y0, x1, y1 = box
-    return x0 <= x < x1 and y0 <= y < y1
+def pointing_targets(scene: Scene) -> list[PointingTarget]:
+    """One pointing target per object: the category word of "Is there a {category} in the image?" and the
+    object's box."""
+    return [PointingTarget(o.category, existence_question(o.category), o.box) for o in scene.objects]
 
 
 def pointing_game(vlm: Any, scenes: Sequence[Scene], layer_heads: Sequence[tuple[int, int]]) -> dict[str, Any]:
-    """Hit rate of each (layer, head): how often the peak of the category word's map falls inside the box of
-    that object, over every object of `scenes`. Returns {"n", "hit_rate": {(layer, head): rate}, "best"}."""
-    hits = np.zeros(len(layer_heads))
-    total = 0
-    for scene in scenes:
-        maps = object_token_maps(vlm, scene, layer_heads)
-        for o in scene.objects:
-            hits += [peak_in_box(m, o.box, scene.image_size) for m in maps[o.category]]
-            total += 1
-    rates = {lh: float(h / total) for lh, h in zip(layer_heads, hits)}
-    best = max(rates, key=lambda lh: rates[lh])
-    return {"n": total, "hit_rate": rates, "best": best, "best_rate": rates[best]}
+    """`vlmscope.explain.pointing.pointing_game` over every object of `scenes`: how often the peak of the
+    category word's map falls inside the object's box, per (layer, head)."""
+    return explain_pointing_game(vlm, [(s.image(), pointing_targets(s)) for s in scenes], layer_heads)
 
 
 def evaluate_model(model_dir: Any, n: int = 100, seed: int = 1, **kwargs: Any) -> dict[str, Any]:
