@@ -218,3 +218,17 @@ def test_eos_and_pad_come_from_the_adapter(tiny_llava):
     assert text.eos_token_ids() == [] and text.pad_token_id() == 0
     Bare.generation_config = type("G", (), {"eos_token_id": [5, 7, 5], "pad_token_id": None})()
     assert text.eos_token_ids() == [5, 7] and text.pad_token_id() == 5
+
+
+def test_load_refuses_an_unusable_device_in_one_line():
+    import pytest
+    import torch
+
+    import vlmscope
+    from vlmscope.errors import InputError
+
+    with pytest.raises(InputError, match="unknown device"):
+        vlmscope.load("tiny-llava", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="sees no CUDA GPU"):
+            vlmscope.load("tiny-llava", device="cuda")

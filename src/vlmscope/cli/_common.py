@@ -65,22 +65,11 @@ def min_float(minimum: float) -> Callable[[str], float]:
 
 
 def check_device(device: str | None) -> str | None:
-    """Refuse a device this torch cannot use, before any model loads (torch would assert deep inside)."""
-    if device is None:
-        return None
-    import torch
+    """Refuse a device this torch cannot use, before any model loads (the same check as `vlmscope.load`)."""
+    if device is not None:
+        from vlmscope.models.loading import resolve_device
 
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:1, mps ...") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: this torch build sees no CUDA GPU; use --device cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s); pick another index")
-    if parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError(f"--device {device}: MPS is not available here; use --device cpu")
+        resolve_device(device)
     return device
 
 

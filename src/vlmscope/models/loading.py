@@ -35,9 +35,21 @@ def _dtype(dtype: Any) -> torch.dtype | None:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to load on; one that this torch cannot use is refused here, before torch asserts deep inside."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:1, mps ...") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device}: this torch build sees no CUDA GPU; use device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InputError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s); pick another index")
+    if parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError(f"device {device}: MPS is not available here; use device cpu")
+    return parsed
 
 
 def load_model_and_processor(ref: str, device: Any = None, dtype: Any = None, *, revision: str | None = None,
