@@ -70,7 +70,7 @@ import torch
 
 from vlmscope.attention.engine import Capture, attention_plan, decoder_attention_modules
 from vlmscope.decoding.base import DECODINGS, DecodingMethod, Hypothesis
-from vlmscope.decoding.beam import BeamSearch, BeamState
+from vlmscope.decoding.beam import BeamSearch, BeamState, ReferenceBeamSearch
 from vlmscope.decoding.opera_penalty import (
     over_trust,
     quantize_scores,
@@ -146,7 +146,8 @@ class OperaDecoding(DecodingMethod):
 # --- per-sample state ----------------------------------------------------------------------------------------
 
 def _clone_state(state: BeamState) -> BeamState:
-    return BeamState(*(getattr(state, f.name).clone() for f in fields(BeamState)))
+    return BeamState(*(None if getattr(state, f.name) is None else getattr(state, f.name).clone()
+                       for f in fields(BeamState)))
 
 
 @dataclass
@@ -172,6 +173,7 @@ class _Sample:
     events: list[dict[str, Any]] = field(default_factory=list)
     steps: int = 0
     banned_now: torch.Tensor | None = None  # flat indices banned at the position being re-chosen
+    scorer: BeamSearch | None = None  # beam bookkeeping rules (transformers 4.29's when faithful)
 
 
 @dataclass
@@ -274,7 +276,24 @@ class _OperaSearch:
                     torch.zeros(self.beams, self.max_new + 1, dtype=torch.long, device=device))
             for b in range(self.batch)
         ]
+        for b, sample in enumerate(self.samples):
+            sample.scorer = self._scorer(b)
         return logits
+
+    def _scorer(self, b: int) -> BeamSearch:
+        """The beam bookkeeping of sample b. Faithful: transformers 4.29's `BeamSearchScorer`, which scores a
+        hypothesis by its length INCLUDING the reference's prompt input_ids: one dummy BOS on the
+        `inputs_embeds` path (MiniGPT-4, InstructBLIP, and a language model with an explicit image span here),
+        the text tokens plus one image placeholder on the LLaVA path (images passed with input_ids)."""
+        if not self.cfg.faithful:
+            return self.beam_search
+        if self.cfg.image_span is not None:
+            offset = 1
+        else:
+            prompt = int(self.run.batch.attention_mask[b].sum())
+            offset = prompt - int(self.image_mask[b].sum()) + 1
+        return ReferenceBeamSearch(num_beams=self.cfg.num_beams, length_penalty=self.cfg.length_penalty,
+                                   early_stopping=self.cfg.early_stopping, length_offset=offset)
 
     def _check_cache(self) -> None:
         for layer in self.run.cache.layers:
@@ -297,7 +316,9 @@ class _OperaSearch:
         penalty, locations = over_trust(scores, valid)
         early = (self.lengths + 1 <= IMAGE_BONUS_POSITIONS)[:, None]
         penalty = torch.where(early, -image_mass, penalty)
-        if cfg.penalty_weights != 0:  # 0 * inf would be NaN; alpha = 0 means "no penalty"
+        if cfg.faithful or cfg.penalty_weights != 0:
+            # Faithful: literally z - alpha * penalty, so alpha = 0 with a saturated (inf) score gives NaN
+            # logits as in the reference (NaN rows then win every topk). Otherwise alpha = 0 means "no penalty".
             cand_logits = cand_logits - cfg.penalty_weights * penalty
         row_locations = smallest_mode(locations)
 
@@ -327,7 +348,7 @@ class _OperaSearch:
                 logprobs = self._candidate_logprobs(logits[rows], cand_tokens[rows], cand_logits[rows])
                 self._save(sample)
             step = sample.length
-            source, chosen, done = self.beam_search.step(sample.state, logprobs, step, self.max_new, self.eos_ids)
+            source, chosen, done = sample.scorer.step(sample.state, logprobs, step, self.max_new, self.eos_ids)
             sample.history[step].choices = (source.clone(), chosen.clone())
             if b in rollbacks:
                 sample.events[-1]["chosen"] = _pairs(source, chosen)
@@ -608,7 +629,7 @@ class _OperaSearch:
         return torch.log_softmax(full, dim=-1)
 
     def _finish(self, sample: _Sample) -> Hypothesis:
-        hyp = self.beam_search.finalize(sample.state, self.eos_ids)[0]
+        hyp = sample.scorer.finalize(sample.state, self.eos_ids)[0]
         hyp.extras["opera"] = {"rollbacks": len(sample.events), "decoding_steps": sample.steps,
                                "rollback_events": sample.events}
         return hyp
