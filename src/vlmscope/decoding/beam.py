@@ -167,7 +167,7 @@ class ReferenceBeamSearch(BeamSearch):
       or when it beats the worst (which is then removed, the earliest among tied worst ones); the output is the
       best, the latest stored among tied best ones;
     - a sample is done when K hypotheses are stored and the worst of them is >= the best candidate score of
-      the step divided by (length_offset + step) ** length_penalty (`early_stopping=False`), or once K are
+      the step divided by (length_offset + step + 1) ** length_penalty (`early_stopping=False`), or once K are
       stored (`early_stopping=True`).
     """
 
@@ -204,7 +204,8 @@ class ReferenceBeamSearch(BeamSearch):
                 if self.early_stopping is True:
                     state.improvable[b, 0] = False
                 else:
-                    best = float(top_scores[b].max()) / (self.length_offset + step) ** self.length_penalty
+                    # 4.29's cur_len = input_ids length + 1 = the length the new scores are computed on
+                    best = float(top_scores[b].max()) / (self.length_offset + step + 1) ** self.length_penalty
                     if float(state.worst_scores[b]) >= best:
                         state.improvable[b, 0] = False
         new_tokens, new_lp = [], []
