@@ -158,6 +158,7 @@ class _Saved:
     column_logs: torch.Tensor  # [K, t] running column log-products of the beams
     locations: torch.Tensor  # [K, t + 1] location history including this step's locations
     choices: tuple[torch.Tensor, torch.Tensor] | None = None  # (source beam [K], token [K]) chosen at the step
+    candidates: tuple[torch.Tensor, torch.Tensor] | None = None  # (tokens [K, C], penalised logits [K, C])
 
 
 @dataclass
@@ -182,6 +183,10 @@ class _Rollback:
     restore: int  # the response position actually re-chosen (the reference restores history[-2])
     location: int
     popped: int  # history entries the reference pops before restoring
+    # The reference's last rejection list is at window_size - 1: a target there makes it raise (IndexError at
+    # `reject_token_pos_gather[rollback_pos + 1]`) after restoring and re-prefilling, and its bare `except` then
+    # re-chooses from the restored step's penalised candidates, with nothing banned.
+    from_saved_candidates: bool = False
 
 
 # --- the search ----------------------------------------------------------------------------------------------
@@ -342,11 +347,15 @@ class _OperaSearch:
             if not sample.active:
                 continue
             rows = sample.rows
-            if rebuilt is not None and b in rollbacks:
+            if rebuilt is not None and b in rollbacks and rollbacks[b].from_saved_candidates:
+                saved_tokens, saved_logits = sample.history[sample.length].candidates
+                logprobs = self._candidate_logprobs(torch.full_like(rebuilt[rows], self.filler), saved_tokens,
+                                                    saved_logits)
+            elif rebuilt is not None and b in rollbacks:
                 logprobs = self._rechoice_logprobs(rebuilt[rows], sample)
             else:
                 logprobs = self._candidate_logprobs(logits[rows], cand_tokens[rows], cand_logits[rows])
-                self._save(sample)
+                self._save(sample, cand_tokens[rows], cand_logits[rows])
             step = sample.length
             source, chosen, done = sample.scorer.step(sample.state, logprobs, step, self.max_new, self.eos_ids)
             sample.history[step].choices = (source.clone(), chosen.clone())
@@ -534,12 +543,12 @@ class _OperaSearch:
         self.column_logs = logs
 
     # --- retrospection ---------------------------------------------------------------------------------
-    def _save(self, sample: _Sample) -> None:
+    def _save(self, sample: _Sample, cand_tokens: torch.Tensor, cand_logits: torch.Tensor) -> None:
         step = sample.length
         rows = sample.rows
         sample.history[step] = _Saved(
             _clone_state(sample.state), self.column_logs[rows, :step].clone(),
-            sample.locations[:, : step + 1].clone())
+            sample.locations[:, : step + 1].clone(), candidates=(cand_tokens.clone(), cand_logits.clone()))
         while len(sample.history) > self.cfg.window_size:
             sample.history.popitem(last=False)
 
@@ -557,6 +566,10 @@ class _OperaSearch:
         if location < MIN_ROLLBACK_LOCATION:
             return None
         target = location + 1
+        if cfg.faithful and target >= cfg.window_size:
+            # The reference's per-position rollback counters have window_size entries: reading the one at
+            # s + 1 raises IndexError inside its bare `except`, i.e. no rollback (and no fallback to s).
+            return None
         if sample.rollbacks_at.get(target, 0) >= self.cands:
             target -= 1
             if sample.rollbacks_at.get(target, 0) >= self.cands:
@@ -567,7 +580,8 @@ class _OperaSearch:
             # goes on without rolling back (only reachable after ~window_size tokens).
             return None
         sample.rollbacks_at[target] = sample.rollbacks_at.get(target, 0) + 1
-        return _Rollback(target, restore, location, max(0, step - target - 1))
+        return _Rollback(target, restore, location, max(0, step - target - 1),
+                         from_saved_candidates=cfg.faithful and target + 1 >= cfg.window_size)
 
     def _restore(self, sample: _Sample, decision: _Rollback) -> None:
         step = sample.length
@@ -591,7 +605,10 @@ class _OperaSearch:
         previous = sample.rejected.get(key)
         if previous is not None:
             banned = torch.cat([previous, banned])
-        sample.rejected[key] = banned
+        if decision.from_saved_candidates:  # the reference raised before recording the ban
+            banned = banned[:0]
+        else:
+            sample.rejected[key] = banned
         sample.banned_now = banned
         for position in [p for p in sample.history if p > decision.restore]:
             del sample.history[position]
