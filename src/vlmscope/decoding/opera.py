@@ -99,6 +99,10 @@ class OperaDecoding(DecodingMethod):
     back into the full logits and scored over the whole vocabulary (alpha=0 then is plain beam search).
     image_span: (start, end), end exclusive, in each input's own (unpadded) token positions: the image tokens
     for models without an image mask (plain language models); default: the batch's image tokens.
+    beam_rules: the beam bookkeeping. "reference": transformers 4.29's `BeamSearchScorer` as the reference runs
+    on (`beam.ReferenceBeamSearch`: ties kept in topk order, lengths counting the reference's prompt input_ids,
+    its stopping test); "stock": the stock transformers 5.x rules of the `beam` method; "auto" (default):
+    "reference" when faithful, else "stock".
     """
 
     num_beams: int = 5
@@ -112,8 +116,11 @@ class OperaDecoding(DecodingMethod):
     length_penalty: float = 1.0
     early_stopping: bool = False
     image_span: tuple[int, int] | None = None
+    beam_rules: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.beam_rules not in ("auto", "reference", "stock"):
+            raise InputError(f"beam_rules must be auto, reference or stock, not {self.beam_rules!r}")
         if self.num_beams < 1:
             raise InputError("num_beams must be >= 1")
         if self.num_attn_candidates < 1:
@@ -290,7 +297,8 @@ class _OperaSearch:
         hypothesis by its length INCLUDING the reference's prompt input_ids: one dummy BOS on the
         `inputs_embeds` path (MiniGPT-4, InstructBLIP, and a language model with an explicit image span here),
         the text tokens plus one image placeholder on the LLaVA path (images passed with input_ids)."""
-        if not self.cfg.faithful:
+        rules = self.cfg.beam_rules
+        if rules == "stock" or (rules == "auto" and not self.cfg.faithful):
             return self.beam_search
         if self.cfg.image_span is not None:
             offset = 1
