@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -61,9 +60,9 @@ SETTINGS = [
     # A short history: rollback positions reach the end of the reference's window_size-long counters and
     # rejection lists (the IndexErrors its bare `except` turns into "no rollback" / "re-choice from the saved
     # candidates").
-    ("opera_window_16", "opera", 10,
+    ("opera_window_14", "opera", 10,
      dict(num_beams=3, scale_factor=30.0, threshold=3, num_attn_candidates=3, penalty_weights=1.0,
-          max_new_tokens=28, window_size=16)),
+          max_new_tokens=28, window_size=14)),
     ("beam_3", "beam", 20, dict(num_beams=3, max_new_tokens=20)),
     ("beam_5", "beam", 6, dict(num_beams=5, max_new_tokens=16)),
 ]
@@ -161,20 +160,17 @@ def run_one(model, kind: str, params: dict, prompt: dict) -> dict:
     else:
         kwargs.update(output_scores=True)
     _bind_window(model, window)
-    started = time.perf_counter()
     try:
         with torch.no_grad(), ForwardLog(model, len(prompt["input_ids"])) as log:
             out = model.generate(**kwargs)
     finally:
         if window is not None:
             del model.opera_beam_search
-    seconds = time.perf_counter() - started
     sequence = out.sequences[0].tolist()
     # With inputs_embeds the reference's input_ids start as one dummy BOS: drop it; drop trailing padding.
     tokens = sequence[1:]
     record = {"seed": prompt["seed"], "output_ids": tokens, "decoding_steps": len(steps.lengths),
-              "step_lengths": steps.lengths, "step_top_logprobs": steps.top, "forwards": log.calls,
-              "seconds": round(seconds, 3)}
+              "step_lengths": steps.lengths, "step_top_logprobs": steps.top, "forwards": log.calls}
     if out.sequences_scores is not None:
         record["sequence_score"] = float(out.sequences_scores[0])
     if kind == "opera":
