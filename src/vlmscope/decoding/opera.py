@@ -10,22 +10,33 @@ default) the reference's numerics and rules are reproduced:
   (response rows plus the candidate row), rounded through float16 (saturates to +inf), see `opera_penalty`;
   during the first 10 response positions the penalty is instead minus the candidate's attention mass on the
   image tokens (a bonus for looking at the image);
-- penalised candidate logits z - penalty_weights * penalty, log-softmax over the candidates only
-  (`renormalize_candidates`, non-candidates held at -999), standard beam bookkeeping afterwards;
+- penalised candidate logits z - penalty_weights * penalty, computed literally (alpha = 0 with a saturated
+  score gives NaN, as in the reference), log-softmax over the candidates only (`renormalize_candidates`,
+  non-candidates held at -999), then transformers 4.29's beam bookkeeping (`beam.ReferenceBeamSearch`:
+  running beams in topk order among the -999 filler's exact ties, lengths counting the reference's prompt
+  input_ids; `beam_rules`);
 - retrospection: the per-beam mode of the candidates' locations is recorded every step; when every beam's
   history holds the sample's modal location s more than `threshold` times and s >= 10, decoding returns to the
   state that chose response position s + 1 (or s once that position used up its `num_attn_candidates`
   rollbacks) and re-chooses it over the full vocabulary with the (beam, token) pairs chosen there before banned
-  (-999 after shifting the logits' minimum to -999, as the reference does).
+  (-999 after shifting the logits' minimum to -999, as the reference does);
+- the reference's `window_size`-long rollback counters and rejection lists: no rollback when s + 1 >=
+  window_size, and a rollback to position window_size - 1 re-chooses from that step's saved penalised
+  candidates with nothing banned (both are IndexErrors inside its bare `except`).
+
+Checked token for token (rollbacks and per-step log-probs included) against the reference code itself:
+tests/test_parity_opera.py, fixtures from tools/parity/opera/.
 
 Fixed unconditionally (outputs unchanged wherever the reference does not crash): errors are never swallowed
 (the reference wraps the rollback in a bare `except`, which also hides out-of-memory errors); candidate forwards
-cannot corrupt the cache; every sample of a batch has its own rollback state; rollback counters have no 512
-limit; num_beams=1 works (the reference asserts).
+cannot corrupt the cache; every sample of a batch has its own rollback state; num_beams=1 works (the
+reference asserts); a rollback target older than the kept history (only after more than window_size steps)
+means no rollback (the reference raises after popping part of its history and goes on with it damaged).
 
 `faithful=False` switches to cleaned-up rules: float32 scores (no float16 rounding or saturation), banned and
-non-candidate tokens at -inf instead of -999, the location history follows the beams when they are reordered
-(the reference keeps it per row), rejection lists are cleared for every regenerated position (the reference
+non-candidate tokens at -inf instead of -999, stock transformers 5.x beam rules (as the `beam` method),
+penalty_weights=0 meaning no penalty, no window_size limit on rollback positions, the location history
+follows the beams when they are reordered (the reference keeps it per row), rejection lists are cleared for every regenerated position (the reference
 clears entries counted from the end of its 512-long list), and `window_size` limits the columns to the paper's
 local window of the last `window_size` response tokens and the location count to the last `window_size` steps.
 
