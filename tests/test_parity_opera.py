@@ -25,11 +25,13 @@ from vlmscope.decoding.session import GenerationRun
 FIXTURES = Path(__file__).parent / "data" / "parity" / "opera"
 OPERA_SETTINGS = sorted(p.stem for p in FIXTURES.glob("opera_*.json"))
 BEAM_SETTINGS = sorted(p.stem for p in FIXTURES.glob("beam_*.json"))
-# Plain beam search under vlmscope's stock transformers-5 rules differs from the reference's 4.29 rules where a
-# hypothesis that ended with EOS competes with beams that reach the length limit: 4.29 divides the latter's
-# score by (1 + max_new_tokens) (its input_ids hold one dummy BOS with inputs_embeds), 5.x by max_new_tokens.
-# {setting: seeds}: the only runs where that changes the output; ReferenceBeamSearch reproduces them all.
-STOCK_BEAM_EXCEPTIONS: dict[str, set[int]] = {"beam_3": {10}, "beam_5": {3, 5}}
+# Plain beam search under vlmscope's stock transformers-5 rules (the `beam` method) differs from the reference's
+# 4.29 rules where a hypothesis that ended with EOS competes with beams that reach the length limit: 4.29 divides
+# a score by the length of its input_ids (prompt input_ids included: one dummy BOS with inputs_embeds, the whole
+# prompt with input_ids) without the EOS, 5.x by the generated length with the EOS. {setting: seeds}: the only
+# runs where that changes the output (one of the two ends with EOS, the other runs to the length limit);
+# ReferenceBeamSearch reproduces them all.
+STOCK_BEAM_EXCEPTIONS: dict[str, set[int]] = {"beam_3": {10}, "beam_5": {3, 5}, "beam_3_input_ids": {6, 9}}
 # Per-step top log-probs: float32 noise between the 4.29 and 5.x forwards, except that the over-trust penalty is
 # rounded to float16, so that noise can move a penalty (and the candidate log-probs) by one float16 step.
 STEP_ABS_TOLERANCE = 5e-3
@@ -140,8 +142,11 @@ def test_reference_beam_rules_equal_reference_beam_search(setting):
     fixture = _fixture(setting)
     model = _model(fixture["weights"])
     max_new = fixture["params"]["max_new_tokens"]
-    method = ReferenceBeamSearch(num_beams=fixture["params"]["num_beams"], length_offset=1)
     for run in fixture["runs"]:
+        # 4.29 counts the reference's input_ids in a hypothesis' length: one dummy BOS when the prompt went in as
+        # inputs_embeds, the whole prompt when it went in as input_ids.
+        offset = len(run["input_ids"]) if fixture["kind"] == "beam_input_ids" else 1
+        method = ReferenceBeamSearch(num_beams=fixture["params"]["num_beams"], length_offset=offset)
         hyp = _beam(model, method, run, max_new)
         assert hyp.token_ids == run["output_ids"], run["seed"]
         assert hyp.sequence_score == pytest.approx(run["sequence_score"], abs=1e-5)
@@ -159,6 +164,8 @@ def test_stock_beam_differs_from_reference_only_in_the_listed_runs(setting):
         hyp = _beam(model, method, run, max_new)
         if hyp.token_ids != run["output_ids"]:
             differing.add(run["seed"])
-            # The documented cause: ours ends with EOS, the reference runs to the length limit.
-            assert hyp.token_ids[-1] == eos and len(run["output_ids"]) == max_new, run["seed"]
+            # The documented cause: one ends with EOS, the other runs to the length limit.
+            ends = {hyp.token_ids[-1] == eos, run["output_ids"][-1] == eos}
+            runs_to_limit = {len(hyp.token_ids) == max_new, len(run["output_ids"]) == max_new}
+            assert ends == runs_to_limit == {True, False}, run["seed"]
     assert differing == STOCK_BEAM_EXCEPTIONS[setting]

@@ -33,7 +33,8 @@ PROMPT_LENGTH = (12, 20)  # prompt lengths drawn in [low, high]
 IMAGE_LENGTH = (4, 8)  # fake image span lengths drawn in [low, high]
 
 # (name, kind, number of prompts, parameters). kind "opera": generate(opera_decoding=True, ...);
-# "beam": plain generate(num_beams=K). window_size is not a `generate` argument in the reference: it is bound
+# "beam": plain generate(num_beams=K), both with the prompt as inputs_embeds; "beam_input_ids": plain
+# generate(num_beams=K) with the prompt as input_ids. window_size is not a `generate` argument in the reference: it is bound
 # onto `opera_beam_search` (see `_bind_window`).
 SETTINGS = [
     ("opera_paper_defaults", "opera", 20,
@@ -65,6 +66,8 @@ SETTINGS = [
           max_new_tokens=28, window_size=14)),
     ("beam_3", "beam", 20, dict(num_beams=3, max_new_tokens=20)),
     ("beam_5", "beam", 6, dict(num_beams=5, max_new_tokens=16)),
+    # The prompt as input_ids instead of inputs_embeds: 4.29 then counts the whole prompt in a hypothesis' length.
+    ("beam_3_input_ids", "beam_input_ids", 10, dict(num_beams=3, max_new_tokens=20)),
 ]
 
 
@@ -95,12 +98,13 @@ class StepLog:
     """A pass-through logits processor (a `generate` argument, reference code untouched): sees every decoding
     step, the redone ones after a rollback included, with the step's input_ids and log-probs."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: int) -> None:
+        self.prefix = prefix  # input_ids before the response: 1 dummy BOS with inputs_embeds, else the prompt
         self.lengths: list[int] = []
         self.top: list[list[float]] = []
 
     def __call__(self, input_ids, scores):
-        self.lengths.append(int(input_ids.shape[1]) - 1)  # response tokens before this step (dummy BOS dropped)
+        self.lengths.append(int(input_ids.shape[1]) - self.prefix)  # response tokens before this step
         self.top.append([round(float(v), 5) for v in scores.max(dim=-1).values])
         return scores
 
@@ -150,8 +154,9 @@ def run_one(model, kind: str, params: dict, prompt: dict) -> dict:
     params = dict(params)
     max_new = params.pop("max_new_tokens")
     window = params.pop("window_size", None)
-    steps = StepLog()
-    kwargs = dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+    steps = StepLog(len(prompt["input_ids"]) if kind == "beam_input_ids" else 1)
+    prompt_inputs = dict(input_ids=ids) if kind == "beam_input_ids" else dict(inputs_embeds=embeds)
+    kwargs = dict(**prompt_inputs, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
                   num_beams=params.pop("num_beams"), return_dict_in_generate=True,
                   logits_processor=transformers_module().LogitsProcessorList([steps]))
     if kind == "opera":
@@ -167,8 +172,8 @@ def run_one(model, kind: str, params: dict, prompt: dict) -> dict:
         if window is not None:
             del model.opera_beam_search
     sequence = out.sequences[0].tolist()
-    # With inputs_embeds the reference's input_ids start as one dummy BOS: drop it; drop trailing padding.
-    tokens = sequence[1:]
+    # With inputs_embeds the reference's input_ids start as one dummy BOS, else as the prompt: drop them.
+    tokens = sequence[len(ids[0]):] if kind == "beam_input_ids" else sequence[1:]
     record = {"seed": prompt["seed"], "output_ids": tokens, "decoding_steps": len(steps.lengths),
               "step_lengths": steps.lengths, "step_top_logprobs": steps.top, "forwards": log.calls}
     if out.sequences_scores is not None:
