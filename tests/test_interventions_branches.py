@@ -246,7 +246,7 @@ def test_batch_equals_inputs_alone(vlm, spec):
 
 # Penalty neutral and rollback off: OPERA then is beam search (test_opera.py), so any intervention must steer it
 # exactly as it steers plain beam search.
-OPERA_NEUTRAL = "opera:num_beams=3,penalty_weights=0,threshold=100,renormalize_candidates=false"
+OPERA_NEUTRAL = "opera:num_beams=3,penalty_weights=0,threshold=100,renormalize_candidates=false,beam_rules=stock"
 
 
 @pytest.mark.parametrize("spec", ["pai:start=0,alpha=1", "aai:alpha=1,warmup_steps=1", "truncate:layer=1",

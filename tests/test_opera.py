@@ -29,7 +29,9 @@ from vlmscope.models.tiny import build_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-NEUTRAL = dict(penalty_weights=0.0, threshold=1000, renormalize_candidates=False)
+# Stock beam rules, so that these settings reduce OPERA to stock beam search (the reference's 4.29 rules are
+# checked against the reference itself in test_parity_opera.py).
+NEUTRAL = dict(penalty_weights=0.0, threshold=1000, renormalize_candidates=False, beam_rules="stock")
 
 
 def _image(seed: int, size: int = 32) -> Image.Image:
@@ -246,7 +248,7 @@ def naive_opera(vlm: VLM, batch, beams: int, cands: int, scale: float, threshold
     filler = -999.0 if faithful else float("-inf")
 
     def clone(s):
-        return BeamState(*(t.clone() for t in vars(s).values()))
+        return BeamState(*(None if t is None else t.clone() for t in vars(s).values()))
 
     while True:
         current = {"response": response.clone(), "state": clone(state),
@@ -349,7 +351,7 @@ def test_matches_naive_reference_loop(llava, faithful, window, seed):
     finally:
         llava.model.set_attn_implementation({"text_config": "sdpa"})
     method = OperaDecoding(num_beams=beams, num_attn_candidates=cands, threshold=threshold, faithful=faithful,
-                           window_size=window)
+                           window_size=window, beam_rules="stock")  # the naive port uses stock BeamSearch
     hyp = _decode(llava, batch, method, max_new)[0]
     events = hyp.extras["opera"]["rollback_events"]
     assert len(naive_rollbacks) >= 5

@@ -10,22 +10,33 @@ default) the reference's numerics and rules are reproduced:
   (response rows plus the candidate row), rounded through float16 (saturates to +inf), see `opera_penalty`;
   during the first 10 response positions the penalty is instead minus the candidate's attention mass on the
   image tokens (a bonus for looking at the image);
-- penalised candidate logits z - penalty_weights * penalty, log-softmax over the candidates only
-  (`renormalize_candidates`, non-candidates held at -999), standard beam bookkeeping afterwards;
+- penalised candidate logits z - penalty_weights * penalty, computed literally (alpha = 0 with a saturated
+  score gives NaN, as in the reference), log-softmax over the candidates only (`renormalize_candidates`,
+  non-candidates held at -999), then transformers 4.29's beam bookkeeping (`beam.ReferenceBeamSearch`:
+  running beams in topk order among the -999 filler's exact ties, lengths counting the reference's prompt
+  input_ids; `beam_rules`);
 - retrospection: the per-beam mode of the candidates' locations is recorded every step; when every beam's
   history holds the sample's modal location s more than `threshold` times and s >= 10, decoding returns to the
   state that chose response position s + 1 (or s once that position used up its `num_attn_candidates`
   rollbacks) and re-chooses it over the full vocabulary with the (beam, token) pairs chosen there before banned
-  (-999 after shifting the logits' minimum to -999, as the reference does).
+  (-999 after shifting the logits' minimum to -999, as the reference does);
+- the reference's `window_size`-long rollback counters and rejection lists: no rollback when s + 1 >=
+  window_size, and a rollback to position window_size - 1 re-chooses from that step's saved penalised
+  candidates with nothing banned (both are IndexErrors inside its bare `except`).
+
+Checked token for token (rollbacks and per-step log-probs included) against the reference code itself:
+tests/test_parity_opera.py, fixtures from tools/parity/opera/.
 
 Fixed unconditionally (outputs unchanged wherever the reference does not crash): errors are never swallowed
 (the reference wraps the rollback in a bare `except`, which also hides out-of-memory errors); candidate forwards
-cannot corrupt the cache; every sample of a batch has its own rollback state; rollback counters have no 512
-limit; num_beams=1 works (the reference asserts).
+cannot corrupt the cache; every sample of a batch has its own rollback state; num_beams=1 works (the
+reference asserts); a rollback target older than the kept history (only after more than window_size steps)
+means no rollback (the reference raises after popping part of its history and goes on with it damaged).
 
 `faithful=False` switches to cleaned-up rules: float32 scores (no float16 rounding or saturation), banned and
-non-candidate tokens at -inf instead of -999, the location history follows the beams when they are reordered
-(the reference keeps it per row), rejection lists are cleared for every regenerated position (the reference
+non-candidate tokens at -inf instead of -999, stock transformers 5.x beam rules (as the `beam` method),
+penalty_weights=0 meaning no penalty, no window_size limit on rollback positions, the location history
+follows the beams when they are reordered (the reference keeps it per row), rejection lists are cleared for every regenerated position (the reference
 clears entries counted from the end of its 512-long list), and `window_size` limits the columns to the paper's
 local window of the last `window_size` response tokens and the location count to the last `window_size` steps.
 
@@ -70,7 +81,7 @@ import torch
 
 from vlmscope.attention.engine import Capture, attention_plan, decoder_attention_modules
 from vlmscope.decoding.base import DECODINGS, DecodingMethod, Hypothesis
-from vlmscope.decoding.beam import BeamSearch, BeamState
+from vlmscope.decoding.beam import BeamSearch, BeamState, ReferenceBeamSearch
 from vlmscope.decoding.opera_penalty import (
     over_trust,
     quantize_scores,
@@ -99,6 +110,10 @@ class OperaDecoding(DecodingMethod):
     back into the full logits and scored over the whole vocabulary (alpha=0 then is plain beam search).
     image_span: (start, end), end exclusive, in each input's own (unpadded) token positions: the image tokens
     for models without an image mask (plain language models); default: the batch's image tokens.
+    beam_rules: the beam bookkeeping. "reference": transformers 4.29's `BeamSearchScorer` as the reference runs
+    on (`beam.ReferenceBeamSearch`: ties kept in topk order, lengths counting the reference's prompt input_ids,
+    its stopping test); "stock": the stock transformers 5.x rules of the `beam` method; "auto" (default):
+    "reference" when faithful, else "stock".
     """
 
     num_beams: int = 5
@@ -112,8 +127,11 @@ class OperaDecoding(DecodingMethod):
     length_penalty: float = 1.0
     early_stopping: bool = False
     image_span: tuple[int, int] | None = None
+    beam_rules: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.beam_rules not in ("auto", "reference", "stock"):
+            raise InputError(f"beam_rules must be auto, reference or stock, not {self.beam_rules!r}")
         if self.num_beams < 1:
             raise InputError("num_beams must be >= 1")
         if self.num_attn_candidates < 1:
@@ -146,7 +164,8 @@ class OperaDecoding(DecodingMethod):
 # --- per-sample state ----------------------------------------------------------------------------------------
 
 def _clone_state(state: BeamState) -> BeamState:
-    return BeamState(*(getattr(state, f.name).clone() for f in fields(BeamState)))
+    return BeamState(*(None if getattr(state, f.name) is None else getattr(state, f.name).clone()
+                       for f in fields(BeamState)))
 
 
 @dataclass
@@ -157,6 +176,7 @@ class _Saved:
     column_logs: torch.Tensor  # [K, t] running column log-products of the beams
     locations: torch.Tensor  # [K, t + 1] location history including this step's locations
     choices: tuple[torch.Tensor, torch.Tensor] | None = None  # (source beam [K], token [K]) chosen at the step
+    candidates: tuple[torch.Tensor, torch.Tensor] | None = None  # (tokens [K, C], penalised logits [K, C])
 
 
 @dataclass
@@ -172,6 +192,7 @@ class _Sample:
     events: list[dict[str, Any]] = field(default_factory=list)
     steps: int = 0
     banned_now: torch.Tensor | None = None  # flat indices banned at the position being re-chosen
+    scorer: BeamSearch | None = None  # beam bookkeeping rules (transformers 4.29's when faithful)
 
 
 @dataclass
@@ -180,6 +201,10 @@ class _Rollback:
     restore: int  # the response position actually re-chosen (the reference restores history[-2])
     location: int
     popped: int  # history entries the reference pops before restoring
+    # The reference's last rejection list is at window_size - 1: a target there makes it raise (IndexError at
+    # `reject_token_pos_gather[rollback_pos + 1]`) after restoring and re-prefilling, and its bare `except` then
+    # re-chooses from the restored step's penalised candidates, with nothing banned.
+    from_saved_candidates: bool = False
 
 
 # --- the search ----------------------------------------------------------------------------------------------
@@ -274,7 +299,25 @@ class _OperaSearch:
                     torch.zeros(self.beams, self.max_new + 1, dtype=torch.long, device=device))
             for b in range(self.batch)
         ]
+        for b, sample in enumerate(self.samples):
+            sample.scorer = self._scorer(b)
         return logits
+
+    def _scorer(self, b: int) -> BeamSearch:
+        """The beam bookkeeping of sample b. Faithful: transformers 4.29's `BeamSearchScorer`, which scores a
+        hypothesis by its length INCLUDING the reference's prompt input_ids: one dummy BOS on the
+        `inputs_embeds` path (MiniGPT-4, InstructBLIP, and a language model with an explicit image span here),
+        the text tokens plus one image placeholder on the LLaVA path (images passed with input_ids)."""
+        rules = self.cfg.beam_rules
+        if rules == "stock" or (rules == "auto" and not self.cfg.faithful):
+            return self.beam_search
+        if self.cfg.image_span is not None:
+            offset = 1
+        else:
+            prompt = int(self.run.batch.attention_mask[b].sum())
+            offset = prompt - int(self.image_mask[b].sum()) + 1
+        return ReferenceBeamSearch(num_beams=self.cfg.num_beams, length_penalty=self.cfg.length_penalty,
+                                   early_stopping=self.cfg.early_stopping, length_offset=offset)
 
     def _check_cache(self) -> None:
         for layer in self.run.cache.layers:
@@ -297,7 +340,9 @@ class _OperaSearch:
         penalty, locations = over_trust(scores, valid)
         early = (self.lengths + 1 <= IMAGE_BONUS_POSITIONS)[:, None]
         penalty = torch.where(early, -image_mass, penalty)
-        if cfg.penalty_weights != 0:  # 0 * inf would be NaN; alpha = 0 means "no penalty"
+        if cfg.faithful or cfg.penalty_weights != 0:
+            # Faithful: literally z - alpha * penalty, so alpha = 0 with a saturated (inf) score gives NaN
+            # logits as in the reference (NaN rows then win every topk). Otherwise alpha = 0 means "no penalty".
             cand_logits = cand_logits - cfg.penalty_weights * penalty
         row_locations = smallest_mode(locations)
 
@@ -321,13 +366,17 @@ class _OperaSearch:
             if not sample.active:
                 continue
             rows = sample.rows
-            if rebuilt is not None and b in rollbacks:
+            if rebuilt is not None and b in rollbacks and rollbacks[b].from_saved_candidates:
+                saved_tokens, saved_logits = sample.history[sample.length].candidates
+                logprobs = self._candidate_logprobs(torch.full_like(rebuilt[rows], self.filler), saved_tokens,
+                                                    saved_logits)
+            elif rebuilt is not None and b in rollbacks:
                 logprobs = self._rechoice_logprobs(rebuilt[rows], sample)
             else:
                 logprobs = self._candidate_logprobs(logits[rows], cand_tokens[rows], cand_logits[rows])
-                self._save(sample)
+                self._save(sample, cand_tokens[rows], cand_logits[rows])
             step = sample.length
-            source, chosen, done = self.beam_search.step(sample.state, logprobs, step, self.max_new, self.eos_ids)
+            source, chosen, done = sample.scorer.step(sample.state, logprobs, step, self.max_new, self.eos_ids)
             sample.history[step].choices = (source.clone(), chosen.clone())
             if b in rollbacks:
                 sample.events[-1]["chosen"] = _pairs(source, chosen)
@@ -513,12 +562,12 @@ class _OperaSearch:
         self.column_logs = logs
 
     # --- retrospection ---------------------------------------------------------------------------------
-    def _save(self, sample: _Sample) -> None:
+    def _save(self, sample: _Sample, cand_tokens: torch.Tensor, cand_logits: torch.Tensor) -> None:
         step = sample.length
         rows = sample.rows
         sample.history[step] = _Saved(
             _clone_state(sample.state), self.column_logs[rows, :step].clone(),
-            sample.locations[:, : step + 1].clone())
+            sample.locations[:, : step + 1].clone(), candidates=(cand_tokens.clone(), cand_logits.clone()))
         while len(sample.history) > self.cfg.window_size:
             sample.history.popitem(last=False)
 
@@ -536,6 +585,10 @@ class _OperaSearch:
         if location < MIN_ROLLBACK_LOCATION:
             return None
         target = location + 1
+        if cfg.faithful and target >= cfg.window_size:
+            # The reference's per-position rollback counters have window_size entries: reading the one at
+            # s + 1 raises IndexError inside its bare `except`, i.e. no rollback (and no fallback to s).
+            return None
         if sample.rollbacks_at.get(target, 0) >= self.cands:
             target -= 1
             if sample.rollbacks_at.get(target, 0) >= self.cands:
@@ -546,7 +599,8 @@ class _OperaSearch:
             # goes on without rolling back (only reachable after ~window_size tokens).
             return None
         sample.rollbacks_at[target] = sample.rollbacks_at.get(target, 0) + 1
-        return _Rollback(target, restore, location, max(0, step - target - 1))
+        return _Rollback(target, restore, location, max(0, step - target - 1),
+                         from_saved_candidates=cfg.faithful and target + 1 >= cfg.window_size)
 
     def _restore(self, sample: _Sample, decision: _Rollback) -> None:
         step = sample.length
@@ -570,7 +624,10 @@ class _OperaSearch:
         previous = sample.rejected.get(key)
         if previous is not None:
             banned = torch.cat([previous, banned])
-        sample.rejected[key] = banned
+        if decision.from_saved_candidates:  # the reference raised before recording the ban
+            banned = banned[:0]
+        else:
+            sample.rejected[key] = banned
         sample.banned_now = banned
         for position in [p for p in sample.history if p > decision.restore]:
             del sample.history[position]
@@ -608,7 +665,7 @@ class _OperaSearch:
         return torch.log_softmax(full, dim=-1)
 
     def _finish(self, sample: _Sample) -> Hypothesis:
-        hyp = self.beam_search.finalize(sample.state, self.eos_ids)[0]
+        hyp = sample.scorer.finalize(sample.state, self.eos_ids)[0]
         hyp.extras["opera"] = {"rollbacks": len(sample.events), "decoding_steps": sample.steps,
                                "rollback_events": sample.events}
         return hyp
