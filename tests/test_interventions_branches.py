@@ -279,7 +279,7 @@ class _AggregationColumn(Intervention):
         return logits + bump
 
 
-ROLLBACK_OPERA = "opera:num_beams=2,num_attn_candidates=2,threshold=3"
+ROLLBACK_OPERA = "opera:num_beams=2,num_attn_candidates=2,threshold=3,beam_rules=stock"
 
 
 def _opera_with_column(vlm, spec, images, prompts, n=24):

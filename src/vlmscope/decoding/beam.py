@@ -144,10 +144,7 @@ class BeamSearch(DecodingMethod):
             out.append(Hypothesis(tokens, scores, sequence_score=float(state.finished_scores[b, 0])))
         return out
 
-
-
-
-@dataclass
+@dataclass(frozen=True)
 class ReferenceBeamSearch(BeamSearch):
     """Beam search with the rules of transformers 4.29's `BeamSearchScorer`, the scorer shikiw/OPERA's
     `opera_beam_search` (and its plain beam-search baseline) run on. Not registered: OPERA's faithful mode uses
