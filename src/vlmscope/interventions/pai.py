@@ -16,8 +16,9 @@ Reference quirks and their options:
   `false` reproduces the reference, whose unconditional cache keeps its original row order while it is fed the
   reordered beams' tokens (histories get mixed).
 - γ defaults to 1.1 (the README command); the argparse default of the reference script is 2. With γ = 1 the
-  reference never re-enables the boost (its processor returns before the toggle); here `cfg=true,gamma=1` only
-  skips the prefill boost (with the default) and runs no branch.
+  reference never re-enables the boost (its processor returns before the toggle), so with the faithful default
+  `cfg=true,gamma=1` runs neither the branch nor the boost (checked against the reference in
+  tests/test_parity_pai.py); `skip_prefill_with_cfg=false` boosts every forward.
 - The unconditional branch runs the unmodified model: no attention edits, key masks or FastV dropping of other
   interventions apply to it (the reference disables the boost there).
 - Our decoding loop log-softmaxes the processed scores, so under beam search the CFG scores are renormalised
@@ -98,7 +99,9 @@ class PAI(Intervention):
             self._branch = Branch(run.model, run.adapter, ids, mask, inputs)
 
     def _edit(self, logits: torch.Tensor, ctx: EditContext) -> torch.Tensor:
-        if ctx.is_prefill and self.cfg and self.skip_prefill_with_cfg:
+        if self.cfg and self.skip_prefill_with_cfg and (ctx.is_prefill or not self._uses_branch()):
+            # The reference's layers carry use_cfg=True until its CFG processor's first unconditional pass; with
+            # gamma=1 that pass never runs, so the boost never starts.
             return logits
         weights = self._weights.get(ctx.layer_idx)
         if weights is None:

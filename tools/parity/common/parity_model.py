@@ -1,0 +1,42 @@
+"""The tiny model and the seeded cases every parity fixture is built on (shared by the tools and the tests).
+
+Rebuilt bit-identically from a seed in transformers 5.x: `build_llava(seed=0)` with multi-head (not grouped)
+attention, and images / prompts drawn from fixed seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlmscope.api import VLM
+from vlmscope.models.tiny import WORDS, build_llava
+
+PROMPT_WORDS = [w for w in WORDS if w not in ("USER", "ASSISTANT", ":", "user", "assistant", "system")]
+
+
+def build_parity_vlm() -> VLM:
+    model, processor = build_llava(seed=0, text={"num_key_value_heads": 4})
+    return VLM(model.eval(), processor, "tiny-llava-mha")
+
+
+def case_image(index: int, size: int = 32) -> Image.Image:
+    pixels = np.random.RandomState(1000 + index).rand(size, size, 3) * 255
+    return Image.fromarray(pixels.astype("uint8"))
+
+
+def case_prompt(index: int) -> str:
+    rng = np.random.RandomState(2000 + index)
+    return " ".join(rng.choice(PROMPT_WORDS, size=int(rng.randint(3, 9))))
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's bytes in name order: the fixture records it, the test checks the rebuild."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
