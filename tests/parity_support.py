@@ -56,3 +56,11 @@ def mismatches(got: list[list[int]], want: list[list[int]]) -> list[tuple[int, i
             step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             bad.append((case, step))
     return bad
+
+
+def generate_case(vlm: VLM, fixture: dict[str, Any], index: int, decoding: str, interventions: list[str]
+                  ) -> list[int]:
+    """vlmscope's output ids for one case alone (sampling: the generator stream is per input, as the reference's)."""
+    out = vlm.generate(case_image(index), case_prompt(index), max_new_tokens=fixture["max_new_tokens"],
+                       decoding=decoding, interventions=interventions or None)
+    return out.token_ids

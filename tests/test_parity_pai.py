@@ -44,7 +44,8 @@ def test_reference_settings_change_the_output():
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DIFFERENT[n])) if n in KNOWN_DIFFERENT else n
+    pytest.param(n, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_DIFFERENT[n]), pytest.mark.slow])
+    if n in KNOWN_DIFFERENT else n
     for n in METHOD_SETTINGS
 ])
 def test_pai_matches_reference(name):

@@ -16,13 +16,52 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parity_model import build_parity_vlm, case_image, case_prompt  # noqa: E402
+
+
+def _export_llava_layout(vlm, out: Path) -> None:
+    model = vlm.model
+    vision = model.config.vision_config
+    (out / "clip").mkdir(exist_ok=True)
+    # 5.x keeps the CLIP transformer's parameters without the `vision_model.` prefix of 4.x checkpoints.
+    tower = {(k if k.startswith("vision_model.") else f"vision_model.{k}"): v.detach().contiguous().clone()
+             for k, v in model.model.vision_tower.state_dict().items()}
+    save_file(tower, str(out / "clip" / "model.safetensors"), metadata={"format": "pt"})
+    (out / "clip" / "config.json").write_text(json.dumps({
+        "architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model",
+        "hidden_size": vision.hidden_size, "intermediate_size": vision.intermediate_size,
+        "num_hidden_layers": vision.num_hidden_layers, "num_attention_heads": vision.num_attention_heads,
+        "num_channels": vision.num_channels, "image_size": vision.image_size, "patch_size": vision.patch_size,
+        "hidden_act": vision.hidden_act, "layer_norm_eps": vision.layer_norm_eps,
+        "projection_dim": getattr(vision, "projection_dim", 512), "torch_dtype": "float32"}, indent=1))
+    # The reference's CLIPVisionTower loads an image processor from the same folder (unused: pixels come ready).
+    processor = vlm.processor.image_processor
+    (out / "clip" / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": vision.image_size},
+        "do_center_crop": True, "crop_size": {"height": vision.image_size, "width": vision.image_size},
+        "do_normalize": True, "image_mean": list(processor.image_mean), "image_std": list(processor.image_std),
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_convert_rgb": True, "resample": 3}, indent=1))
+    (out / "llava").mkdir(exist_ok=True)
+    state = {f"model.{k}": v.detach().contiguous().clone()
+             for k, v in model.model.language_model.state_dict().items()}
+    state["lm_head.weight"] = model.lm_head.weight.detach().contiguous().clone()
+    projector = model.model.multi_modal_projector
+    assert model.config.projector_hidden_act == "gelu" and model.config.vision_feature_layer == -2
+    for ours, theirs in (("linear_1", "0"), ("linear_2", "2")):
+        for part in ("weight", "bias"):
+            state[f"model.mm_projector.{theirs}.{part}"] = getattr(getattr(projector, ours), part).detach().clone()
+    save_file(state, str(out / "llava" / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "llama" / "config.json").read_text())
+    config.update({"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
+                   "mm_vision_tower": str((out / "clip").resolve()), "mm_vision_select_layer": -2,
+                   "mm_vision_select_feature": "patch", "mm_projector_type": "mlp2x_gelu",
+                   "mm_hidden_size": vision.hidden_size, "mm_use_im_start_end": False,
+                   "mm_use_im_patch_token": False, "use_mm_proj": True, "image_aspect_ratio": "square"})
+    (out / "llava" / "config.json").write_text(json.dumps(config, indent=1))
 
 
 def main() -> None:
@@ -51,7 +90,8 @@ def main() -> None:
         "torch_dtype": "float32",
     }
     (out / "llama" / "config.json").write_text(json.dumps(config, indent=1))
-    cases, embeds = [], {}
+    _export_llava_layout(vlm, out)
+    cases, embeds, pixels = [], {}, {}
     image_token = int(model.config.image_token_id)
     for index in range(args.cases):
         prompt = case_prompt(index)
@@ -73,14 +113,15 @@ def main() -> None:
         reference_uncond = ids[ids != image_token].tolist()  # PAI: BOS + tokens(before image) + tokens(after)
         assert uncond[0].tolist() == reference_uncond, "image-free prompt differs from the reference's"
         embeds[f"case{index}"] = merged[0].contiguous()
+        pixels[f"case{index}"] = batch.model_inputs["pixel_values"][0].contiguous()
         cases.append({"index": index, "prompt": prompt, "input_ids": ids.tolist(),
                       "img_start": positions[0], "img_end": positions[-1] + 1, "uncond_ids": reference_uncond})
     save_file(embeds, str(out / "embeds.safetensors"))
+    save_file(pixels, str(out / "pixels.safetensors"))
     (out / "cases.json").write_text(json.dumps({"eos_token_id": text.eos_token_id,
                                                 "pad_token_id": text.pad_token_id, "cases": cases}, indent=1))
     print(f"wrote {len(cases)} cases to {out}")
 
 
 if __name__ == "__main__":
-    _ = np, Image
     main()
