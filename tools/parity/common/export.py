@@ -64,6 +64,33 @@ def _export_llava_layout(vlm, out: Path) -> None:
     (out / "llava" / "config.json").write_text(json.dumps(config, indent=1))
 
 
+def _export_llava_hf_4x(vlm, out: Path) -> None:
+    """The llava-hf layout of transformers 4.3x-4.4x (`llava_hf/`): language_model.* / vision_tower.* /
+    multi_modal_projector.* keys and a config without 5.x-only fields (FastV's llava-hf fork is 4.39.0.dev0)."""
+    model = vlm.model
+    folder = out / "llava_hf"
+    folder.mkdir(exist_ok=True)
+    state = {f"language_model.model.{k}": v for k, v in model.model.language_model.state_dict().items()}
+    state["language_model.lm_head.weight"] = model.lm_head.weight
+    for k, v in model.model.vision_tower.state_dict().items():
+        state[f"vision_tower.{k if k.startswith('vision_model.') else 'vision_model.' + k}"] = v
+    for k, v in model.model.multi_modal_projector.state_dict().items():
+        state[f"multi_modal_projector.{k}"] = v
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    text = json.loads((out / "llama" / "config.json").read_text())
+    vision = json.loads((out / "clip" / "config.json").read_text())
+    for cfg in (text, vision):
+        cfg.pop("architectures", None)
+        cfg.pop("torch_dtype", None)
+    config = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+              "text_config": text, "vision_config": vision, "image_token_index": int(model.config.image_token_id),
+              "projector_hidden_act": model.config.projector_hidden_act, "vision_feature_layer": -2,
+              "vision_feature_select_strategy": "default", "vocab_size": text["vocab_size"],
+              "pad_token_id": text["pad_token_id"], "ignore_index": -100, "torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir")
@@ -91,6 +118,7 @@ def main() -> None:
     }
     (out / "llama" / "config.json").write_text(json.dumps(config, indent=1))
     _export_llava_layout(vlm, out)
+    _export_llava_hf_4x(vlm, out)
     cases, embeds, pixels = [], {}, {}
     image_token = int(model.config.image_token_id)
     for index in range(args.cases):

@@ -33,7 +33,7 @@ def main() -> None:
         "model": {"builder": "tools/parity/common/parity_model.py:build_parity_vlm",
                   "weights_sha256": weights_digest(build_parity_vlm().model)},
         "max_new_tokens": reference["max_new_tokens"],
-        **({"embeds_max_abs_diff": reference["embeds_max_abs_diff"]} if "embeds_max_abs_diff" in reference else {}),
+        **{key: reference[key] for key in ("embeds_max_abs_diff", "vis_ref") if key in reference},
         "eos_token_id": meta["eos_token_id"],
         "cases": [{k: c[k] for k in ("index", "prompt", "input_ids", "img_start", "img_end")} for c in meta["cases"]],
         "settings": reference["settings"],
