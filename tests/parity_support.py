@@ -13,7 +13,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "parity" / "common"))
 
-from parity_model import build_parity_vlm, case_image, case_prompt, weights_digest  # noqa: E402
+from parity_model import PARITY_MODELS, case_image, case_prompt, weights_digest  # noqa: E402
 
 from vlmscope.api import VLM  # noqa: E402
 
@@ -23,8 +23,12 @@ def load_fixture(method: str) -> dict[str, Any]:
 
 
 @cache
-def parity_vlm() -> VLM:
-    return build_parity_vlm()
+def parity_vlm(name: str = "default") -> VLM:
+    return PARITY_MODELS[name][0]()
+
+
+def _image_size(fixture: dict[str, Any]) -> int:
+    return fixture["model"].get("image_size", 32)
 
 
 def check_model_and_inputs(vlm: VLM, fixture: dict[str, Any]) -> None:
@@ -32,7 +36,7 @@ def check_model_and_inputs(vlm: VLM, fixture: dict[str, Any]) -> None:
     assert weights_digest(vlm.model) == fixture["model"]["weights_sha256"]
     for case in fixture["cases"]:
         assert case_prompt(case["index"]) == case["prompt"]
-        batch = vlm.encode([case_image(case["index"])], [case["prompt"]])
+        batch = vlm.encode([case_image(case["index"], _image_size(fixture))], [case["prompt"]])
         ids = batch.input_ids[0].tolist()
         assert ids == case["input_ids"]
         positions = batch.image_mask[0].nonzero().flatten().tolist()
@@ -42,7 +46,7 @@ def check_model_and_inputs(vlm: VLM, fixture: dict[str, Any]) -> None:
 def generate_cases(vlm: VLM, fixture: dict[str, Any], decoding: str, interventions: list[str]) -> list[list[int]]:
     """vlmscope's output ids for every case of the fixture, in one left-padded batch."""
     indices = [case["index"] for case in fixture["cases"]]
-    outputs = vlm.generate([case_image(i) for i in indices], [case_prompt(i) for i in indices],
+    outputs = vlm.generate([case_image(i, _image_size(fixture)) for i in indices], [case_prompt(i) for i in indices],
                            max_new_tokens=fixture["max_new_tokens"], decoding=decoding,
                            interventions=interventions or None)
     return [out.token_ids for out in outputs]
@@ -61,6 +65,6 @@ def mismatches(got: list[list[int]], want: list[list[int]]) -> list[tuple[int, i
 def generate_case(vlm: VLM, fixture: dict[str, Any], index: int, decoding: str, interventions: list[str]
                   ) -> list[int]:
     """vlmscope's output ids for one case alone (sampling: the generator stream is per input, as the reference's)."""
-    out = vlm.generate(case_image(index), case_prompt(index), max_new_tokens=fixture["max_new_tokens"],
+    out = vlm.generate(case_image(index, _image_size(fixture)), case_prompt(index), max_new_tokens=fixture["max_new_tokens"],
                        decoding=decoding, interventions=interventions or None)
     return out.token_ids

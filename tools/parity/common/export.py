@@ -6,7 +6,7 @@ as a stock `LlamaForCausalLM` checkpoint (config.json + model.safetensors) that 
 for each case the merged input embeddings (text embeddings with the projected image features spliced in, which is
 what the reference LLaVA class hands to `LlamaForCausalLM` after `prepare_inputs_labels_for_multimodal`).
 
-Usage: python tools/parity/common/export.py WORKDIR [--cases 20]
+Usage: python tools/parity/common/export.py WORKDIR [--cases 20] [--model default|truncation]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from parity_model import build_parity_vlm, case_image, case_prompt  # noqa: E402
+from parity_model import PARITY_MODELS, case_image, case_prompt  # noqa: E402
 
 
 def _export_llava_layout(vlm, out: Path) -> None:
@@ -95,10 +95,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir")
     parser.add_argument("--cases", type=int, default=20)
+    parser.add_argument("--model", choices=sorted(PARITY_MODELS), default="default")
     args = parser.parse_args()
     out = Path(args.workdir)
     (out / "llama").mkdir(parents=True, exist_ok=True)
-    vlm = build_parity_vlm()
+    builder, image_size = PARITY_MODELS[args.model]
+    vlm = builder()
     model = vlm.model
     text = model.config.text_config
     state = {}
@@ -123,7 +125,7 @@ def main() -> None:
     image_token = int(model.config.image_token_id)
     for index in range(args.cases):
         prompt = case_prompt(index)
-        batch = vlm.encode([case_image(index)], [prompt])
+        batch = vlm.encode([case_image(index, image_size)], [prompt])
         ids = batch.input_ids[0]
         with torch.no_grad():
             merged = model.model.get_input_embeddings()(batch.input_ids.clone().masked_fill(batch.image_mask, 0))
@@ -146,7 +148,8 @@ def main() -> None:
                       "img_start": positions[0], "img_end": positions[-1] + 1, "uncond_ids": reference_uncond})
     save_file(embeds, str(out / "embeds.safetensors"))
     save_file(pixels, str(out / "pixels.safetensors"))
-    (out / "cases.json").write_text(json.dumps({"eos_token_id": text.eos_token_id,
+    (out / "cases.json").write_text(json.dumps({"model": args.model, "image_size": image_size,
+                                                "eos_token_id": text.eos_token_id,
                                                 "pad_token_id": text.pad_token_id, "cases": cases}, indent=1))
     print(f"wrote {len(cases)} cases to {out}")
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from parity_model import build_parity_vlm, weights_digest  # noqa: E402
+from parity_model import PARITY_MODELS, weights_digest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -27,11 +27,13 @@ def main() -> None:
     args = parser.parse_args()
     meta = json.loads((Path(args.workdir) / "cases.json").read_text())
     reference = json.loads(Path(args.reference_output).read_text())
+    builder = PARITY_MODELS[meta.get("model", "default")][0]
     fixture = {
         "reference": {"repo": args.repo, "commit": args.commit, "transformers": reference["transformers"],
                       "torch": reference["torch"]},
-        "model": {"builder": "tools/parity/common/parity_model.py:build_parity_vlm",
-                  "weights_sha256": weights_digest(build_parity_vlm().model)},
+        "model": {"name": meta.get("model", "default"), "image_size": meta.get("image_size", 32),
+                  "builder": f"tools/parity/common/parity_model.py:{builder.__name__}",
+                  "weights_sha256": weights_digest(builder().model)},
         "max_new_tokens": reference["max_new_tokens"],
         **{key: reference[key] for key in ("embeds_max_abs_diff", "vis_ref") if key in reference},
         "eos_token_id": meta["eos_token_id"],
