@@ -12,9 +12,7 @@ from parity_support import check_model_and_inputs, generate_cases, load_fixture,
 FIXTURE = load_fixture("pai")
 SETTINGS = FIXTURE["settings"]
 METHOD_SETTINGS = [name for name in SETTINGS if not name.startswith("baseline")]
-# The reference adds its processed CFG scores γ(s−u)+u (not renormalised) to the beam scores; our beam search
-# log-softmaxes every step's scores first, which changes how beams from different parents rank.
-KNOWN_DIFFERENT = {"cfg_g2_a0.5_l1-4_beam3": "beam search renormalises the CFG scores (the reference does not)"}
+BEAM_CFG = "cfg_g2_a0.5_l1-4_beam3"
 
 
 def _vlmscope_spec(setting: dict) -> tuple[str, list[str]]:
@@ -24,7 +22,9 @@ def _vlmscope_spec(setting: dict) -> tuple[str, list[str]]:
     spec = f"pai:alpha={setting['alpha']},start={setting['start_layer']},end={setting['end_layer']}"
     if setting["use_cfg"]:
         # Faithful: no boost until the first CFG pass, and the unconditional cache does not follow the beams.
-        spec += f",cfg=true,gamma={setting['gamma']},skip_prefill_with_cfg=true,cfg_reorder_uncond_cache=false"
+        # Beam search adds the CFG scores unnormalised (cfg_beam_raw_scores), as 4.37's beam search does.
+        spec += (f",cfg=true,gamma={setting['gamma']},skip_prefill_with_cfg=true,cfg_reorder_uncond_cache=false,"
+                 "cfg_beam_raw_scores=true")
     return decoding, [spec]
 
 
@@ -43,12 +43,16 @@ def test_reference_settings_change_the_output():
     assert SETTINGS["cfg_g1_a0.5_l1-4_greedy"]["output_ids"] == SETTINGS["baseline_greedy"]["output_ids"]
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_DIFFERENT[n]), pytest.mark.slow])
-    if n in KNOWN_DIFFERENT else n
-    for n in METHOD_SETTINGS
-])
+@pytest.mark.parametrize("name", METHOD_SETTINGS)
 def test_pai_matches_reference(name):
     decoding, interventions = _vlmscope_spec(SETTINGS[name])
     got = generate_cases(parity_vlm(), FIXTURE, decoding, interventions)
     assert mismatches(got, SETTINGS[name]["output_ids"]) == []
+
+
+def test_renormalised_cfg_beam_scores_differ_from_reference():
+    # The option the parity depends on: renormalising the CFG scores changes how beams of different parents rank.
+    decoding, interventions = _vlmscope_spec(SETTINGS[BEAM_CFG])
+    fixed = [interventions[0].replace("cfg_beam_raw_scores=true", "cfg_beam_raw_scores=false")]
+    got = generate_cases(parity_vlm(), FIXTURE, decoding, fixed)
+    assert len(mismatches(got, SETTINGS[BEAM_CFG]["output_ids"])) >= len(FIXTURE["cases"]) // 2

@@ -21,8 +21,10 @@ Reference quirks and their options:
   tests/test_parity_pai.py); `skip_prefill_with_cfg=false` boosts every forward.
 - The unconditional branch runs the unmodified model: no attention edits, key masks or FastV dropping of other
   interventions apply to it (the reference disables the boost there).
-- Our decoding loop log-softmaxes the processed scores, so under beam search the CFG scores are renormalised
-  before they enter the beam scores (stock HF 4.37 added the unnormalised γ(s−u)+u).
+- `cfg_beam_raw_scores=false` (default): our beam search log-softmaxes the CFG scores like every other score, so
+  beam scores stay log-probabilities. `true` (faithful) adds γ(s−u)+u to the beam scores unnormalised, as HF
+  4.37's beam search adds its processors' output (`final_log_scores`; with `cfg_reorder_uncond_cache=false` this
+  reproduces the reference token for token, tests/test_parity_pai.py). OPERA's loop always renormalises.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class PAI(Intervention):
     cfg_beta: float = 0.1
     skip_prefill_with_cfg: bool = True
     cfg_reorder_uncond_cache: bool = True
+    cfg_beam_raw_scores: bool = False
     edit_dtype: Literal["model", "float32"] = "model"
 
     def __post_init__(self) -> None:
@@ -72,6 +75,11 @@ class PAI(Intervention):
 
     def _uses_branch(self) -> bool:
         return self.cfg and self.gamma != 1.0
+
+    @property
+    def final_log_scores(self) -> bool:
+        """Beam search adds this intervention's processed scores as given (read by `decoding.beam`)."""
+        return self._uses_branch() and self.cfg_beam_raw_scores
 
     def layers(self, adapter: Adapter) -> range:
         return layer_span(adapter, self.start, self.end, "pai")
