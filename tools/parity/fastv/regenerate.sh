@@ -8,6 +8,13 @@ PY=${2:-.venv/bin/python}
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 VENV=${FASTV_VENV:-${TMPDIR:-/tmp}/venv-fastv}
 WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+# The checkout's own commit (not that of a repository it may sit inside); FASTV_COMMIT for a checkout without .git.
+if [ "$(git -C "$REF" rev-parse --show-toplevel 2>/dev/null)" = "$REF" ]; then
+  COMMIT=$(git -C "$REF" rev-parse HEAD)
+else
+  COMMIT=${FASTV_COMMIT:?"$REF is not a git checkout: set FASTV_COMMIT"}
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q torch==2.13.0 safetensors numpy pillow
@@ -18,5 +25,4 @@ export PYTHONPATH="$ROOT/src" OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 "$PY" tools/parity/common/export.py "$WORK"
 "$VENV/bin/python" tools/parity/fastv/run_reference.py "$WORK" "$WORK/reference_output.json"
 "$PY" tools/parity/common/write_fixture.py fastv "$WORK" "$WORK/reference_output.json" \
-  --repo pkunlp-icler/FastV --commit "$(git -C "$REF" rev-parse HEAD 2>/dev/null || echo "${FASTV_COMMIT:?set FASTV_COMMIT}")"
-rm -rf "$WORK"
+  --repo pkunlp-icler/FastV --commit "$COMMIT"

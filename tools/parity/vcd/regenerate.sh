@@ -8,6 +8,13 @@ PY=${2:-.venv/bin/python}
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 VENV=${VCD_VENV:-${TMPDIR:-/tmp}/venv-vcd}
 WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+# The checkout's own commit (not that of a repository it may sit inside); VCD_COMMIT for a checkout without .git.
+if [ "$(git -C "$REF" rev-parse --show-toplevel 2>/dev/null)" = "$REF" ]; then
+  COMMIT=$(git -C "$REF" rev-parse HEAD)
+else
+  COMMIT=${VCD_COMMIT:?"$REF is not a git checkout: set VCD_COMMIT"}
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
   # The reference pins transformers 4.31.0 (requirements.txt); torch as vlmscope's (CPU); einops and pillow are
@@ -19,5 +26,4 @@ export PYTHONPATH="$ROOT/src" OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 "$PY" tools/parity/common/export.py "$WORK"
 "$VENV/bin/python" tools/parity/vcd/run_reference.py "$REF" "$WORK" "$WORK/reference_output.json"
 "$PY" tools/parity/common/write_fixture.py vcd "$WORK" "$WORK/reference_output.json" \
-  --repo DAMO-NLP-SG/VCD --commit "$(git -C "$REF" rev-parse HEAD 2>/dev/null || echo "${VCD_COMMIT:?set VCD_COMMIT}")"
-rm -rf "$WORK"
+  --repo DAMO-NLP-SG/VCD --commit "$COMMIT"
