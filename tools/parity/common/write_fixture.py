@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -15,6 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parity_model import PARITY_MODELS, weights_digest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
+
+
+def dumps(fixture: dict) -> str:
+    """Indented JSON with every list of numbers on one line (one token sequence per line)."""
+    text = json.dumps(fixture, indent=1)
+    flat = re.compile(r"\[\s*([-0-9.eE+,\s]*?)\s*\]")
+    return flat.sub(lambda m: json.dumps(json.loads(f"[{m.group(1)}]")), text) + "\n"
 
 
 def main() -> None:
@@ -42,7 +50,7 @@ def main() -> None:
     }
     out = ROOT / "tests" / "data" / "parity" / args.method / "reference.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(fixture, indent=1) + "\n")
+    out.write_text(dumps(fixture))
     print(f"wrote {out}")
 
 
