@@ -70,8 +70,11 @@ class BeamSearch(DecodingMethod):
         run.expand(beams)
         logits = run.prefill()
         state = BeamState.start(batch, beams, max_new_tokens, pad_id, logits.device)
+        # An intervention may hand back final log-scores that the beams add as given (PAI's CFG, as stock 4.x
+        # beam search adds its processors' output); otherwise each step's scores are log-softmaxed.
+        as_given = any(getattr(i, "final_log_scores", False) for i in run.interventions)
         for step in range(max_new_tokens):
-            logprobs = torch.log_softmax(logits, dim=-1)
+            logprobs = logits if as_given else torch.log_softmax(logits, dim=-1)
             beam_idx, tokens, done = self.step(state, logprobs, step, max_new_tokens, eos_ids)
             if done:
                 break

@@ -16,12 +16,15 @@ Reference quirks and their options:
   `false` reproduces the reference, whose unconditional cache keeps its original row order while it is fed the
   reordered beams' tokens (histories get mixed).
 - γ defaults to 1.1 (the README command); the argparse default of the reference script is 2. With γ = 1 the
-  reference never re-enables the boost (its processor returns before the toggle); here `cfg=true,gamma=1` only
-  skips the prefill boost (with the default) and runs no branch.
+  reference never re-enables the boost (its processor returns before the toggle), so with the faithful default
+  `cfg=true,gamma=1` runs neither the branch nor the boost (checked against the reference in
+  tests/test_parity_pai.py); `skip_prefill_with_cfg=false` boosts every forward.
 - The unconditional branch runs the unmodified model: no attention edits, key masks or FastV dropping of other
   interventions apply to it (the reference disables the boost there).
-- Our decoding loop log-softmaxes the processed scores, so under beam search the CFG scores are renormalised
-  before they enter the beam scores (stock HF 4.37 added the unnormalised γ(s−u)+u).
+- `cfg_beam_raw_scores=false` (default): our beam search log-softmaxes the CFG scores like every other score, so
+  beam scores stay log-probabilities. `true` (faithful) adds γ(s−u)+u to the beam scores unnormalised, as HF
+  4.37's beam search adds its processors' output (`final_log_scores`; with `cfg_reorder_uncond_cache=false` this
+  reproduces the reference token for token, tests/test_parity_pai.py). OPERA's loop always renormalises.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class PAI(Intervention):
     cfg_beta: float = 0.1
     skip_prefill_with_cfg: bool = True
     cfg_reorder_uncond_cache: bool = True
+    cfg_beam_raw_scores: bool = False
     edit_dtype: Literal["model", "float32"] = "model"
 
     repeatable = False
@@ -70,6 +74,11 @@ class PAI(Intervention):
 
     def _uses_branch(self) -> bool:
         return self.cfg and self.gamma != 1.0
+
+    @property
+    def final_log_scores(self) -> bool:
+        """Beam search adds this intervention's processed scores as given (read by `decoding.beam`)."""
+        return self._uses_branch() and self.cfg_beam_raw_scores
 
     def layers(self, adapter: Adapter) -> range:
         return layer_span(adapter, self.start, self.end, "pai")
@@ -121,7 +130,9 @@ class _PAIRun(InterventionState):
             self._branch = Branch(run.model, run.adapter, ids, mask, inputs)
 
     def _edit(self, logits: torch.Tensor, ctx: EditContext) -> torch.Tensor:
-        if ctx.is_prefill and self.cfg and self.skip_prefill_with_cfg:
+        if self.cfg and self.skip_prefill_with_cfg and (ctx.is_prefill or not self._uses_branch()):
+            # The reference's layers carry use_cfg=True until its CFG processor's first unconditional pass; with
+            # gamma=1 that pass never runs, so the boost never starts.
             return logits
         weights = self._weights.get(ctx.layer_idx)
         if weights is None:
