@@ -21,7 +21,8 @@ def parse(argv):
     (["--beam", "5"], "beam:num_beams=5", []),
     (["--beam", "5", "--scale_factor", "50", "--threshold", "15"], "opera:num_beams=5,scale_factor=50.0,threshold=15", []),
     (["--use-attn", "--alpha", "0.5"], "greedy", ["pai:alpha=0.5,start=2,end=32"]),
-    (["--use-attn", "--use-cfg", "--gamma", "1.1"], "greedy", ["pai:alpha=0.2,start=2,end=32,cfg=true,gamma=1.1"]),
+    (["--use-attn", "--use-cfg", "--gamma", "1.1"], "greedy", ["pai:alpha=0.2,start=2,end=32,cfg=true,gamma=1.1,"
+                                                                      "cfg_reorder_uncond_cache=false,cfg_beam_raw_scores=true"]),
     (["--use-aai", "--start-layer", "3"], "greedy", ["aai:alpha=0.3,beta=1.0,start=3,end=32"]),
 ])
 def test_seed_flags(argv, decoding, interventions):

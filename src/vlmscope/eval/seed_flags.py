@@ -45,7 +45,10 @@ def method_specs(args: argparse.Namespace) -> tuple[str, list[str]]:
         interventions.append(f"aai:alpha={alpha},beta={beta},{layers}")
     elif args.use_attn or args.use_cfg:
         alpha = (0.2 if args.alpha is None else args.alpha) if args.use_attn else 0.0
-        cfg = f",cfg=true,gamma={args.gamma}" if args.use_cfg else ""
+        # The seed scripts reproduce the reference (tools/parity/pai): its unconditional cache keeps its row order
+        # under beam search, and its beam search adds the CFG scores without renormalising them.
+        cfg = (f",cfg=true,gamma={args.gamma},cfg_reorder_uncond_cache=false,cfg_beam_raw_scores=true"
+               if args.use_cfg else "")
         interventions.append(f"pai:alpha={alpha},{layers}{cfg}")
     opera_values = {"scale_factor": args.scale_factor, "threshold": args.threshold,
                     "num_attn_candidates": args.num_attn_candidates, "penalty_weights": args.penalty_weights}
