@@ -1,6 +1,17 @@
 """Interventions (steering methods), registered by name in `INTERVENTIONS`."""
 
-from vlmscope.interventions import aai, codebook, fastv, pai, truncate, vcd  # noqa: F401  (registration)
+from vlmscope.interventions import (  # noqa: F401  (registration)
+    aai,
+    codebook,
+    dola,
+    fastv,
+    icd,
+    m3id,
+    pai,
+    truncate,
+    vaf,
+    vcd,
+)
 from vlmscope.interventions.base import INTERVENTIONS
 
 __all__ = ["INTERVENTIONS"]
