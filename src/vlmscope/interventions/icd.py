@@ -47,6 +47,11 @@ DISTURBANCES = {
 }
 
 
+def contrast_scores(logits: torch.Tensor, disturbed: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """(1 + α)·ℓ − α·ℓ' on raw logits, −inf where ℓ < log β + max ℓ (VCD's contrast, ICD's reference)."""
+    return plausibility_cut(logits, (1.0 + alpha) * logits - alpha * disturbed, beta)
+
+
 def disturbance_text(name_or_text: str) -> str:
     """A preset's text (`DISTURBANCES`), or the given text itself."""
     return DISTURBANCES.get(name_or_text, name_or_text)
@@ -75,7 +80,7 @@ def _expand_image_token(adapter: Adapter, text: str, image_tokens: int) -> list[
 def disturbed_inputs(adapter: Adapter, batch: Any, disturbance: str, placement: str
                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Left-padded input ids, attention mask and model inputs of the disturbed prompts of `batch`."""
-    pad = adapter.pad_token_id
+    pad = adapter.pad_token_id()
     rows = []
     for row, prompt in enumerate(batch.prompts):
         count = int(batch.image_mask[row].sum())
@@ -151,9 +156,7 @@ class _ICDRun(InterventionState):
                        ) -> torch.Tensor:
         if self._branch is None:
             return logits
-        disturbed = self._branch.step(new_tokens)
-        contrast = (1.0 + self.alpha) * logits - self.alpha * disturbed
-        return plausibility_cut(logits, contrast, self.beta)
+        return contrast_scores(logits, self._branch.step(new_tokens), self.alpha, self.beta)
 
     def reorder(self, index: torch.Tensor) -> None:
         if self._branch is not None:

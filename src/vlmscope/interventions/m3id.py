@@ -33,6 +33,14 @@ def m3id_weight(lam: float, t: int) -> float:
     return math.expm1(lam * t)
 
 
+def m3id_scores(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, lam: float, t: int, beta: float
+                ) -> torch.Tensor:
+    """l_c + (e^{λt} − 1)·(l_c − l_u) on log-softmaxed inputs, −inf where l_c < log β + max l_c."""
+    cond = torch.log_softmax(cond_logits.float(), dim=-1)
+    uncond = torch.log_softmax(uncond_logits.float(), dim=-1)
+    return plausibility_cut(cond, cond + m3id_weight(lam, t) * (cond - uncond), beta)
+
+
 def text_only_branch(run: GenerationRun) -> Branch:
     """A branch over the run's prompts without the image, on the unmodified model."""
     ids, mask = run.adapter.encode_text_only(run.batch.prompts, device=run.device)
@@ -89,12 +97,8 @@ class _M3IDRun(InterventionState):
                        ) -> torch.Tensor:
         if self._branch is None:
             return logits
-        uncond = torch.log_softmax(self._branch.step(new_tokens), dim=-1)
-        cond = torch.log_softmax(logits, dim=-1)
         # run.step tokens are already generated, so these scores pick token number run.step + 1 (t0 = 1).
-        weight = m3id_weight(self.lam, run.step + self.t0)
-        scores = cond + weight * (cond - uncond)
-        return plausibility_cut(cond, scores, self.beta)
+        return m3id_scores(logits, self._branch.step(new_tokens), self.lam, run.step + self.t0, self.beta)
 
     def reorder(self, index: torch.Tensor) -> None:
         if self._branch is not None:
