@@ -81,6 +81,8 @@ CASES = {
     "generate dola layer past depth": [*GEN, "--intervention", "dola:layers=[9]"],
     "generate dola bad divergence": [*GEN, "--intervention", "dola:divergence=kl"],
     "generate vaf layers past depth": [*GEN, "--intervention", "vaf"],
+    "generate deco layers past depth": [*GEN, "--intervention", "deco"],
+    "generate deco with dola": [*GEN, "--intervention", "deco:start=1", "--intervention", "dola"],
     "generate icd with vcd": [*GEN, "--intervention", "icd", "--intervention", "vcd"],
     "generate dola with m3id": [*GEN, "--intervention", "dola", "--intervention", "m3id"],
     "generate zero tokens": [*GEN, "--max-new-tokens", "0"],

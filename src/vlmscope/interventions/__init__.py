@@ -3,6 +3,7 @@
 from vlmscope.interventions import (  # noqa: F401  (registration)
     aai,
     codebook,
+    deco,
     dola,
     fastv,
     icd,

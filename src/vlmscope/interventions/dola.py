@@ -11,10 +11,9 @@ H_j for j ≥ 1 the output of decoder layer j − 1) and contrasted with the fin
 
 Premature states get no final norm (`premature_norm=false`, both reference codes, voidism/DoLa#9).
 
-How: pre-hooks on the candidate decoder layers hold their inputs (H_j) during the run's own forwards, and a hook on
-the LM head replaces its output by the DoLa scores at every position it projects. So every decoding method sees
-DoLa scores where it sees logits: greedy, sampling, beam search, and OPERA's candidate and rollback forwards alike.
-Auxiliary branches of other methods (which run without the run's attention plan) are left alone.
+How: `_early_exit.EarlyExitState` holds the candidate layers' inputs (H_j) and replaces the LM head's output by the
+DoLa scores at every position it projects, so every decoding method (greedy, sampling, beam search, OPERA's
+candidate and rollback forwards) sees DoLa scores where it sees logits.
 
 Defaults as HF: `layers="high"` (HF's recommendation for short answers; `"low"` for long reasoning), i.e.
 range(N/2, N, 2) for N ≤ 40 layers, else range(N − 20, N, 2); `"low"` is range(s, N/2, 2) (else range(s, 20, 2))
@@ -28,14 +27,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 
-from vlmscope.attention.engine import active_plan
 from vlmscope.decoding.session import GenerationRun
 from vlmscope.errors import InputError
-from vlmscope.interventions.base import INTERVENTIONS, Intervention, InterventionState
+from vlmscope.interventions._early_exit import EarlyExitState
+from vlmscope.interventions.base import INTERVENTIONS, Intervention
 from vlmscope.models.adapters import Adapter
 
 
@@ -121,56 +120,13 @@ class DoLa(Intervention):
         return _DoLaRun(self, run)
 
 
-class _DoLaRun(InterventionState):
-    """DoLa's per-run state: the hooks and the premature hidden states of the current forward."""
+class _DoLaRun(EarlyExitState):
+    """DoLa's per-run state: the early-exit hooks."""
 
     spec: DoLa
 
     def __init__(self, spec: DoLa, run: GenerationRun) -> None:
-        super().__init__(spec, run)
-        self._handles: list[Any] = []
-        self._states: dict[int, torch.Tensor] = {}
+        super().__init__(spec, run, spec.premature_layers(run.adapter), spec.premature_norm)
 
-    def prepare(self, run: GenerationRun) -> None:
-        self.premature_layers(run.adapter)  # refuse bad indices before anything runs
-
-    def setup(self, run: GenerationRun) -> None:
-        if self._handles:
-            return  # a second prefill of the same run: the hooks are in place
-        layers = run.adapter.decoder_layers()
-        for j in self.premature_layers(run.adapter):
-            self._handles.append(layers[j].register_forward_pre_hook(self._hold(j), with_kwargs=True))
-        head = run.model.get_output_embeddings()
-        if head is None:
-            raise InputError("dola: this model has no output embeddings (LM head) to project early layers")
-        self._handles.append(head.register_forward_hook(self._contrast))
-        self._norm = run.adapter.decoder().norm if self.premature_norm else None
-
-    def _ours(self) -> bool:
-        return active_plan() is self.run.plan
-
-    def _hold(self, j: int) -> Any:
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._ours():
-                self._states[j] = args[0] if args else kwargs["hidden_states"]
-        return hook
-
-    def _contrast(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if not self._ours() or not self._states:
-            return None
-        positions = output.shape[-2]  # the LM head projects the last `positions` states (logits_to_keep)
-        early = []
-        for j in sorted(self._states):
-            hidden = self._states[j][..., -positions:, :]
-            if self._norm is not None:
-                hidden = self._norm(hidden)
-            early.append(torch.nn.functional.linear(hidden, module.weight, module.bias))
-        self._states.clear()
-        scores = dola_scores(output, torch.stack(early), self.divergence, self.relative_top)
-        return scores.to(output.dtype)
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._states.clear()
+    def rewrite(self, final_logits: torch.Tensor, early_logits: torch.Tensor) -> torch.Tensor:
+        return dola_scores(final_logits, early_logits, self.divergence, self.relative_top)
