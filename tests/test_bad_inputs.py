@@ -82,6 +82,8 @@ CASES = {
     "generate dola bad divergence": [*GEN, "--intervention", "dola:divergence=kl"],
     "generate vaf layers past depth": [*GEN, "--intervention", "vaf"],
     "generate deco layers past depth": [*GEN, "--intervention", "deco"],
+    "generate vista window past depth": [*GEN, "--intervention", "vista"],
+    "generate vista bad gamma": [*GEN, "--intervention", "vista:gamma=2"],
     "generate deco with dola": [*GEN, "--intervention", "deco:start=1", "--intervention", "dola"],
     "generate icd with vcd": [*GEN, "--intervention", "icd", "--intervention", "vcd"],
     "generate dola with m3id": [*GEN, "--intervention", "dola", "--intervention", "m3id"],

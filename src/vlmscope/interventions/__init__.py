@@ -12,6 +12,7 @@ from vlmscope.interventions import (  # noqa: F401  (registration)
     truncate,
     vaf,
     vcd,
+    vista,
 )
 from vlmscope.interventions.base import INTERVENTIONS
 
