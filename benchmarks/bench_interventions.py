@@ -8,7 +8,7 @@ interleaved within each repeat, and the fastest repeat is reported (on a shared 
 - FastV (k=2, ratio=0.5): prefill speed-up and KV-cache saving (drop mode; mask mode for reference);
 - VCD and PAI-CFG cost ratios (each adds a second branch, so about 2x is expected);
 - information-flow truncation for completeness;
-- ICD, M3ID (a second branch each), DoLa, DeCo, VISTA and VAF (issue 18).
+- ICD, M3ID, SID (a second branch each), DoLa, DeCo, VISTA and VAF (issue 18).
 
     python benchmarks/bench_interventions.py                  # CPU, ~1 minute
     python benchmarks/bench_interventions.py --device cuda --full --dtype float16   # LLaVA-1.5-7B shapes
@@ -51,6 +51,7 @@ METHODS = [
     ("deco", "deco"),
     ("vista", "vista"),
     ("vaf", "vaf"),
+    ("sid", "sid"),
 ]
 # The small model has 8 decoder layers: VAF's layers 9..14 of 32 become 2..3 (the same place in the stack),
 # DeCo's hidden states 20..28 of 32 become 5..7, VISTA's SLA window 25..30 becomes 6.

@@ -84,6 +84,8 @@ CASES = {
     "generate deco layers past depth": [*GEN, "--intervention", "deco"],
     "generate vista window past depth": [*GEN, "--intervention", "vista"],
     "generate vista bad gamma": [*GEN, "--intervention", "vista:gamma=2"],
+    "generate sid layer past depth": [*GEN, "--intervention", "sid:layer=4"],
+    "generate sid zero keep": [*GEN, "--intervention", "sid:keep=0"],
     "generate deco with dola": [*GEN, "--intervention", "deco:start=1", "--intervention", "dola"],
     "generate icd with vcd": [*GEN, "--intervention", "icd", "--intervention", "vcd"],
     "generate dola with m3id": [*GEN, "--intervention", "dola", "--intervention", "m3id"],

@@ -9,6 +9,7 @@ from vlmscope.interventions import (  # noqa: F401  (registration)
     icd,
     m3id,
     pai,
+    sid,
     truncate,
     vaf,
     vcd,
