@@ -53,3 +53,31 @@ def test_methods_lists_the_seven_with_parameters(capsys):
                  "vaf: alpha=1.15, beta=0.95, start=9, end=15",
                  "sid: alpha=0.5, beta=0.1, layer=2, keep=100"]:
         assert line in out
+
+
+@pytest.mark.parametrize("spec", ["icd:alpha=2", "m3id:lam=1", "dola:layers=[0,1,2]", "deco:start=1,alpha=3",
+                                  "vista:lam=1,sla_start=1,sla_end=3", "vaf:alpha=5,start=0,end=3",
+                                  "sid:keep=4,alpha=2"])
+def test_one_spec_instance_serves_two_runs_at_once(tiny_llava, spec):
+    """Hooks on shared modules act only in their own run's forwards: two interleaved runs and two threads
+    sharing one spec instance give what each input gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_interventions import IMAGES as images
+    from test_interventions import PROMPTS as prompts
+    from test_interventions import _greedy_interleaved
+
+    from vlmscope.interventions import INTERVENTIONS
+
+    method = INTERVENTIONS.parse(spec)
+    vlm = tiny_llava
+    alone = [vlm.generate(im, p, max_new_tokens=4, interventions=[method]).token_ids
+             for im, p in zip(images, prompts)]
+    assert alone != [vlm.generate(im, p, max_new_tokens=4).token_ids for im, p in zip(images, prompts)]
+    interleaved = _greedy_interleaved(vlm, method)
+    for row in range(2):
+        assert interleaved[row][: len(alone[row])] == alone[row]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        threaded = list(pool.map(lambda i: vlm.generate(images[i % 2], prompts[i % 2], max_new_tokens=4,
+                                                        interventions=[method]).token_ids, range(4)))
+    assert threaded == alone * 2

@@ -25,6 +25,7 @@ See docs/methods/vista.md.
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -53,21 +54,29 @@ def sla_logits(final_logits: torch.Tensor, window_logits: torch.Tensor, gamma: f
     return (1.0 - gamma) * final_logits + gamma * window_logits.mean(dim=0)
 
 
+# The capture hooks sit on shared modules: only the forward of the context (thread) that set this records.
+_RECORDING: contextvars.ContextVar[dict[int, torch.Tensor] | None] = contextvars.ContextVar(
+    "vlmscope_vista_recording", default=None)
+
+
 def last_position_layer_outputs(model: Any, adapter: Adapter, batch: Batch) -> torch.Tensor:
     """Every decoder layer's output at the last prompt position, unsteered, fp32: [L, N, D]."""
     outputs: dict[int, torch.Tensor] = {}
     handles = []
     for idx, layer in enumerate(adapter.decoder_layers()):
         def hook(module: torch.nn.Module, args: tuple, output: Any, idx: int = idx) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-            outputs[idx] = hidden[:, -1].float()
+            if _RECORDING.get() is outputs:
+                hidden = output[0] if isinstance(output, tuple) else output
+                outputs[idx] = hidden[:, -1].float()
         handles.append(layer.register_forward_hook(hook))
+    token = _RECORDING.set(outputs)
     try:
         with torch.no_grad():
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                   position_ids=adapter.position_ids(batch), use_cache=False, logits_to_keep=1,
                   **batch.model_inputs)
     finally:
+        _RECORDING.reset(token)
         for handle in handles:
             handle.remove()
     return torch.stack([outputs[i] for i in range(len(outputs))])
