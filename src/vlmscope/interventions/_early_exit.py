@@ -55,8 +55,11 @@ class EarlyExitState(InterventionState):
         return hook
 
     def _rewrite(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if not self._ours() or len(self._states) != len(self.early_layers):
+        if not self._ours():
             return None
+        if len(self._states) != len(self.early_layers):
+            missing = sorted(set(self.early_layers) - set(self._states))
+            raise RuntimeError(f"{self.spec.name}: decoder layers {missing} did not run before the LM head")
         positions = output.shape[-2]  # the head projects the last `positions` states (logits_to_keep)
         early = []
         for j in self.early_layers:
