@@ -7,7 +7,8 @@ interleaved within each repeat, and the fastest repeat is reported (on a shared 
 - PAI and AAI time ratio over greedy (goal <= 1.15x), AAI with its warm-up and without;
 - FastV (k=2, ratio=0.5): prefill speed-up and KV-cache saving (drop mode; mask mode for reference);
 - VCD and PAI-CFG cost ratios (each adds a second branch, so about 2x is expected);
-- information-flow truncation for completeness.
+- information-flow truncation for completeness;
+- ICD, M3ID, SID (a second branch each), DoLa, DeCo, VISTA and VAF (issue 18).
 
     python benchmarks/bench_interventions.py                  # CPU, ~1 minute
     python benchmarks/bench_interventions.py --device cuda --full --dtype float16   # LLaVA-1.5-7B shapes
@@ -43,7 +44,19 @@ METHODS = [
     ("fastv mask", "fastv:k=2,ratio=0.5,mode=mask"),
     ("vcd", "vcd"),
     ("pai cfg", "pai:cfg=true,gamma=1.1"),
+    # issue 18: two-branch contrasts (about 2x expected), DoLa's early-exit projections, VAF's eager layers
+    ("icd", "icd"),
+    ("m3id", "m3id"),
+    ("dola", "dola"),
+    ("deco", "deco"),
+    ("vista", "vista"),
+    ("vaf", "vaf"),
+    ("sid", "sid"),
 ]
+# The small model has 8 decoder layers: VAF's layers 9..14 of 32 become 2..3 (the same place in the stack),
+# DeCo's hidden states 20..28 of 32 become 5..7, VISTA's SLA window 25..30 becomes 6.
+SMALL_MODEL_SPECS = {"vaf": "vaf:start=2,end=4", "deco": "deco:start=5,end=8",
+                     "vista": "vista:sla_start=6,sla_end=8,steer_end=8"}
 
 
 def build(args: argparse.Namespace) -> VLM:
@@ -107,6 +120,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     vlm = build(args)
+    if not args.full:
+        METHODS[:] = [(name, SMALL_MODEL_SPECS.get(name, spec)) for name, spec in METHODS]
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (400, 500, 3), dtype=np.uint8))
     batch = vlm.encode([image], ["describe this image in detail ."])
