@@ -1,0 +1,151 @@
+"""Adapters for today's families (LLaVA-OneVision, Gemma 3) and the generic image-in-sequence adapter.
+
+Image grids (where each family's image tokens sit on the original image):
+- LLaVA-OneVision: like LLaVA-NeXT, a base view (the whole image resized to one square tile, side×side tokens)
+  then the any-resolution tiles, unpadded, each row ending in a newline token. When the unpadded tile grid
+  holds more than 1.1² × `anyres_max_N` tiles' worth of tokens the model shrinks it bilinearly to
+  (h // ratio, w // ratio); the shrunk grid still covers the whole image.
+- Gemma 3: the image is resized to one square (no crop, no pan-and-scan), the SigLIP patches are average-pooled
+  to `mm_tokens_per_image` tokens laid out as a square grid covering the whole image; the span is
+  `<start_of_image>` + the image tokens + `<end_of_image>` (only the image tokens are in the grid).
+- Generic (any other `AutoModelForImageTextToText` with an image token id in its config): no grid is known;
+  methods that only need the image span work, grid methods raise naming the family.
+
+Gemma 3's sliding-window layers pass `sliding_window` to the attention function, which vlmscope's eager math
+does not take as an argument: operations on those layers raise `UnsupportedModelError` (the engine's check),
+operations on its full-attention layers run. `sliding_layers()` lists them so callers can pick layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from vlmscope.errors import InputError, UnsupportedModelError
+from vlmscope.models.adapters import (
+    Adapter,
+    Batch,
+    ImageGrid,
+    LlavaNextAdapter,
+    _select_best_resolution,
+    _unpadded_size,
+)
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision: base view then unpadded any-res tiles with a newline per row (shrunk past anyres_max_N)."""
+
+    family = "llava_onevision"
+    model_types = ("llava_onevision",)
+
+    def image_grids(self, batch: Batch, row: int) -> list[ImageGrid]:
+        config = self.model.config
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        width, height = batch.image_sizes[row]
+        best_h, best_w = _select_best_resolution((height, width), config.image_grid_pinpoints)
+        tiles_h, tiles_w = best_h // vision.image_size, best_w // vision.image_size
+        new_h, new_w = _unpadded_size(height, width, tiles_h * side, tiles_w * side)
+        # The model packs by its config's aspect-ratio rule (the processor only counts placeholders).
+        max_tiles = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).removeprefix("anyres_max_"))
+        ratio = math.sqrt(new_h * new_w / (max_tiles * side**2))
+        if ratio > 1.1:
+            new_h, new_w = int(new_h // ratio), int(new_w // ratio)
+        n = int(batch.image_mask[row].sum())
+        expected = side * side + new_h * (new_w + 1)
+        if n != expected:
+            raise InputError(f"LLaVA-OneVision layout mismatch: {n} image tokens, expected {expected} "
+                             "(one image per prompt)")
+        return [
+            ImageGrid("base", 0, side, side, side),
+            ImageGrid("tiles", side * side, new_h, new_w, new_w + 1),
+        ]
+
+
+class Gemma3Adapter(Adapter):
+    """Gemma 3: a square grid of pooled SigLIP patches over the whole (squashed) image."""
+
+    family = "gemma3"
+    model_types = ("gemma3",)
+
+    def sliding_layers(self) -> list[int]:
+        """Decoder layers with sliding-window attention (operations on them raise)."""
+        types = getattr(self.text_config, "layer_types", None) or []
+        return [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+
+    def image_grids(self, batch: Batch, row: int) -> list[ImageGrid]:
+        n = int(batch.image_mask[row].sum())
+        side = math.isqrt(n)
+        if side * side != n:
+            raise InputError(f"Gemma 3: {n} image tokens do not form a square grid (one image per prompt, "
+                             "pan-and-scan off)")
+        return [ImageGrid("image", 0, side, side, side)]
+
+
+class GenericAdapter(Adapter):
+    """Any image-text-to-text model whose image tokens sit in the language model's sequence.
+
+    Prompts come from the processor's chat template and positions from the attention mask; methods that need
+    only the image span (OPERA, PAI, AAI with a uniform reference, VCD, truncation, FastV) work. There is no
+    grid, so explain maps, flow, heads, pointing and the codebook raise naming the family.
+    """
+
+    family = "generic"
+
+    def __init__(self, model: Any, processor: Any) -> None:
+        super().__init__(model, processor)
+        self.model_type = str(getattr(model.config, "model_type", type(model).__name__))
+        self.family = f"generic:{self.model_type}"
+
+    def image_grids(self, batch: Batch, row: int) -> list[ImageGrid]:
+        raise UnsupportedModelError(
+            f"{self.model_type} is loaded through vlmscope's generic adapter, which knows the image span but not "
+            "how its tokens lie on the image (no image grid): explain maps, flow, heads, pointing and the codebook "
+            "need a family adapter; span methods (opera, pai, aai:reference=uniform, vcd, truncate, fastv) work"
+        )
+
+
+MODERN_ADAPTERS: tuple[type[Adapter], ...] = (LlavaOnevisionAdapter, Gemma3Adapter)
+
+# Model types whose stock processor wants a video processor (torchvision) that image-only use does not need.
+VIDEO_PROCESSOR_TYPES = ("llava_onevision",)
+
+
+def image_token_id_of(config: Any) -> int | None:
+    """The image placeholder id of a config (`image_token_id` or `image_token_index`), else None."""
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def modern_adapter_for(model: Any, processor: Any) -> Adapter | None:
+    """A family adapter of this module, else the generic adapter when the config names an image token, else None."""
+    model_type = getattr(model.config, "model_type", None)
+    for cls in MODERN_ADAPTERS:
+        if model_type in cls.model_types:
+            return cls(model, processor)
+    if image_token_id_of(model.config) is not None and hasattr(model, "get_decoder"):
+        return GenericAdapter(model, processor)
+    return None
+
+
+def generic_loadable(config: Any) -> bool:
+    """Whether `load` may hand this config to the generic adapter (an image token id in the config)."""
+    return image_token_id_of(config) is not None
+
+
+def load_image_only_processor(source: str, model_type: str, **hub: Any) -> Any:
+    """The stock processor of `model_type` without its video processor, from a saved directory or hub id."""
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from vlmscope.models.tiny import image_only_qwen_processor
+
+    bases = {"llava_onevision": transformers.LlavaOnevisionProcessor}
+    tokenizer = AutoTokenizer.from_pretrained(source, **hub)
+    image_processor = AutoImageProcessor.from_pretrained(source, **hub)
+    return image_only_qwen_processor(bases[model_type]).from_pretrained(
+        source, tokenizer=tokenizer, image_processor=image_processor, **hub
+    )
