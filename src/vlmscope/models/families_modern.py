@@ -149,3 +149,37 @@ def load_image_only_processor(source: str, model_type: str, **hub: Any) -> Any:
     return image_only_qwen_processor(bases[model_type]).from_pretrained(
         source, tokenizer=tokenizer, image_processor=image_processor, **hub
     )
+
+
+# --- the family table (`vlmscope models`, README) -------------------------------------------------------------
+CAPABILITIES = ("generate", "opera", "pai", "aai", "vcd", "truncate", "fastv", "explain", "flow", "heads", "codebook")
+
+# Cell values: "yes"; "no" (raises a one-line error naming the reason); "uniform" (AAI with
+# `reference=uniform` only: no vision reference map is defined for the family); "full layers" (Gemma 3: only
+# with every operation on a full-attention layer, e.g. `pai:start=5,end=6`; its sliding-window layers raise).
+# tests/test_families_modern.py runs every cell on the family's tiny model and checks the claim.
+_ALL = dict.fromkeys(CAPABILITIES, "yes")
+FAMILY_TABLE: tuple[tuple[str, str, str, dict[str, str]], ...] = (
+    ("llava", "LLaVA-1.5 (llava)", "one square patch grid, CLIP centre crop", dict(_ALL)),
+    ("llava_next", "LLaVA-NeXT (llava_next)", "base view + unpadded any-res tiles, newline per row", dict(_ALL)),
+    ("qwen2_vl", "Qwen2-VL, Qwen2.5-VL (qwen2_vl, qwen2_5_vl)", "merged patches (grid_thw / merge), M-RoPE",
+     {**_ALL, "aai": "uniform", "codebook": "no"}),
+    ("llava_onevision", "LLaVA-OneVision (llava_onevision)",
+     "base view + unpadded any-res tiles, newline per row, shrunk past anyres_max_N",
+     {**_ALL, "aai": "uniform", "codebook": "no"}),
+    ("gemma3", "Gemma 3 (gemma3)", "pooled SigLIP patches, one square over the squashed image",
+     {"generate": "yes", "opera": "no", "pai": "full layers", "aai": "full layers, uniform", "vcd": "yes",
+      "truncate": "full layers", "fastv": "no", "explain": "full layers", "flow": "no", "heads": "no",
+      "codebook": "no"}),
+    ("generic", "any other image-text-to-text model with an image token id in its config", "none (span only)",
+     {**_ALL, "aai": "uniform", "explain": "no", "flow": "no", "heads": "no", "codebook": "no"}),
+)
+
+
+def family_table_markdown() -> str:
+    """The family × capability table as Markdown (printed by `vlmscope models --markdown`, kept in README)."""
+    head = ["family", "models (model_type)", "image grid", *CAPABILITIES]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for family, models, grid, caps in FAMILY_TABLE:
+        lines.append("| " + " | ".join([family, models, grid, *(caps[c] for c in CAPABILITIES)]) + " |")
+    return "\n".join(lines)

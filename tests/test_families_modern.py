@@ -1,0 +1,271 @@
+"""LLaVA-OneVision, Gemma 3 and the generic adapter on tiny models: stock generate and stock eager attention as
+oracles, image grids against the processor's token counts, and every cell of `vlmscope models`' table run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vlmscope
+from vlmscope.api import VLM
+from vlmscope.cli import main
+from vlmscope.errors import InputError, UnsupportedModelError, VlmscopeError
+from vlmscope.explain.maps import explain
+from vlmscope.models.families_modern import CAPABILITIES, FAMILY_TABLE, GenericAdapter
+from vlmscope.models.tiny import build_tiny
+
+PROMPT = "describe this image ."
+
+
+def _image(width: int = 56, height: int = 40, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def onevision() -> VLM:
+    return VLM(*build_tiny("llava-onevision"), "tiny-llava-onevision")
+
+
+@pytest.fixture(scope="module")
+def gemma3() -> VLM:
+    return VLM(*build_tiny("gemma3"), "tiny-gemma3")
+
+
+@pytest.fixture(scope="module")
+def generic() -> VLM:
+    """The tiny OneVision model seen through the generic adapter (as an unknown family would be)."""
+    vlm = VLM(*build_tiny("llava-onevision"), "tiny-llava-onevision")
+    vlm.adapter = GenericAdapter(vlm.model, vlm.processor)
+    return vlm
+
+
+def _stock(vlm: VLM, image: Image.Image, max_new_tokens: int, **kwargs):
+    inputs = vlm.processor(images=[image], text=[vlm.adapter.render_prompt(PROMPT)], return_tensors="pt")
+    with torch.no_grad():
+        out = vlm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 return_dict_in_generate=True, output_scores=True, **kwargs)
+    return out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), out, inputs
+
+
+@pytest.mark.parametrize("name", ["onevision", "gemma3", "generic"])
+def test_greedy_and_beam_match_stock_generate(name, request):
+    vlm = request.getfixturevalue(name)
+    for image in (_image(), _image(32, 80, seed=1)):
+        result = vlm.generate(image, PROMPT, max_new_tokens=8)
+        ref, out, _ = _stock(vlm, image, 8)
+        assert result.token_ids == ref
+        ref_scores = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, ref)]
+        assert result.scores == pytest.approx(ref_scores, abs=1e-4)
+        beam = vlm.generate(image, PROMPT, max_new_tokens=6, decoding="beam:num_beams=3")
+        ref_beam, _, _ = _stock(vlm, image, 6, num_beams=3)
+        assert beam.token_ids == ref_beam
+
+
+def _stock_image_rows(vlm: VLM, image: Image.Image, steps: int) -> tuple[list[int], np.ndarray]:
+    """Stock eager generate: per step, every layer's last query row at the image columns [S, L, H, N]."""
+    batch = vlm.encode([image], [PROMPT])
+    previous = vlm.model.config.text_config._attn_implementation
+    vlm.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = vlm.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                     **batch.model_inputs, max_new_tokens=steps, do_sample=False,
+                                     output_attentions=True, return_dict_in_generate=True)
+    finally:
+        vlm.model.set_attn_implementation(previous)
+    tokens = out.sequences[0, batch.input_ids.shape[1]:].tolist()
+    cols = batch.image_mask[0].nonzero().flatten()
+    rows = [np.stack([layer[0, :, -1, cols].float().numpy() for layer in out.attentions[s]])
+            for s in range(len(tokens))]
+    return tokens, np.stack(rows)
+
+
+@pytest.mark.parametrize(("name", "layers"), [("onevision", [0, 3]), ("gemma3", [2])])
+def test_explain_grids_equal_stock_eager_attention(name, layers, request):
+    vlm = request.getfixturevalue(name)
+    image = _image(64, 32)
+    result = explain(vlm, image, PROMPT, layers=",".join(map(str, layers)), max_new_tokens=3)
+    tokens, stock = _stock_image_rows(vlm, image, 3)
+    assert result.token_ids == tokens
+    grids = vlm.adapter.image_grids(vlm.encode([image], [PROMPT]), 0)
+    for grid in grids:
+        np.testing.assert_allclose(result.grid_maps[grid.name], grid.take(stock[:, layers]), atol=1e-5)
+    if name == "onevision":
+        # 64×32 picks two tiles side by side: an 8-wide, 4-high tile grid (plus one newline column).
+        assert [(g.name, g.height, g.width, g.row_stride) for g in grids] == [("base", 4, 4, 4), ("tiles", 4, 8, 9)]
+    else:
+        assert [(g.name, g.height, g.width) for g in grids] == [("image", 2, 2)]
+
+
+@pytest.mark.parametrize("size", [(56, 40), (32, 80), (90, 30), (64, 64), (33, 95)])
+def test_onevision_grid_counts_match_the_processor_also_when_shrunk(size):
+    # anyres_max_1: every image with more than one tile's worth of unpadded tokens is shrunk by the model.
+    for ratio in ("anyres_max_4", "anyres_max_1"):
+        vlm = VLM(*build_tiny("llava-onevision", vision_aspect_ratio=ratio), "tiny")
+        batch = vlm.encode([_image(*size)], [PROMPT])
+        grids = vlm.adapter.image_grids(batch, 0)  # raises when the counts disagree
+        covered = sum(g.height * g.row_stride for g in grids)
+        assert covered == int(batch.image_mask[0].sum())
+        # The model agrees: its packed image features have exactly that many rows.
+        with torch.no_grad():
+            features = vlm.model.model.get_image_features(
+                batch.model_inputs["pixel_values"], batch.model_inputs["image_sizes"],
+                vision_aspect_ratio=ratio, batch_num_images=batch.model_inputs["batch_num_images"])
+        packed = features.pooler_output if hasattr(features, "pooler_output") else features
+        packed = torch.cat(list(packed)) if isinstance(packed, list | tuple) else packed
+        assert packed.shape[0] == covered
+
+
+def test_gemma3_sliding_layers_raise_and_full_layers_steer(gemma3):
+    image = _image()
+    assert gemma3.adapter.sliding_layers() == [0, 1, 3]
+    with pytest.raises(UnsupportedModelError, match="sliding_window"):
+        gemma3.generate(image, PROMPT, max_new_tokens=2, interventions=["pai:alpha=0.5"])
+    with pytest.raises(UnsupportedModelError, match="sliding_window"):
+        explain(gemma3, image, PROMPT, layers="1", max_new_tokens=2)
+    with pytest.raises(UnsupportedModelError, match="full-attention"):
+        gemma3.generate(image, PROMPT, max_new_tokens=2, decoding="opera:num_beams=2")
+    # PAI on the full-attention layer 2 only changes the logits (a large alpha moves the first step).
+    batch = gemma3.encode([image], [PROMPT])
+    from vlmscope.decoding.session import GenerationRun
+    from vlmscope.interventions import INTERVENTIONS
+
+    def first_logits(specs):
+        with torch.no_grad(), GenerationRun(gemma3.model, gemma3.adapter, batch,
+                                            [INTERVENTIONS.parse(s) for s in specs]) as run:
+            return run.prefill()
+
+    base = first_logits([])
+    with torch.no_grad():
+        stock = gemma3.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             **batch.model_inputs).logits[:, -1]
+    # Whether processed logits are raw or log-probabilities, their log-softmax must equal stock's.
+    torch.testing.assert_close(torch.log_softmax(base.float(), -1), torch.log_softmax(stock.float(), -1),
+                               atol=1e-4, rtol=1e-4)
+    steered = first_logits(["pai:alpha=5.0,start=2,end=3"])
+    assert not torch.allclose(base, steered)
+
+
+def test_generic_adapter_equals_the_family_adapter_on_span_methods(onevision, generic):
+    image = _image()
+    for decoding, interventions in (("opera:num_beams=2", []), (None, ["pai:alpha=1.0"]), (None, ["vcd"]),
+                                    (None, ["truncate:layer=1"]), (None, ["aai:reference=uniform,alpha=1.0"])):
+        a = onevision.generate(image, PROMPT, max_new_tokens=5, decoding=decoding, interventions=interventions)
+        b = generic.generate(image, PROMPT, max_new_tokens=5, decoding=decoding, interventions=interventions)
+        assert a.token_ids == b.token_ids, (decoding, interventions)
+    with pytest.raises(UnsupportedModelError, match="llava_onevision.*generic adapter.*no image grid"):
+        explain(generic, image, PROMPT, layers="0", max_new_tokens=2)
+    assert generic.adapter.family == "generic:llava_onevision"
+
+
+# --- every cell of the family table ---------------------------------------------------------------------------
+_FULL_LAYER = 2  # the tiny Gemma 3's full-attention layer
+
+
+def _probe(vlm: VLM, capability: str, value: str) -> None:
+    image = _image()
+    full = "full layers" in value
+    span = f",start={_FULL_LAYER},end={_FULL_LAYER + 1}" if full else ""
+    if capability == "generate":
+        vlm.generate(image, PROMPT, max_new_tokens=3)
+    elif capability == "opera":
+        vlm.generate(image, PROMPT, max_new_tokens=3, decoding="opera:num_beams=2")
+    elif capability == "pai":
+        vlm.generate(image, PROMPT, max_new_tokens=3, interventions=[f"pai:alpha=0.5{span}"])
+    elif capability == "aai":
+        reference = ",reference=uniform" if "uniform" in value else ""
+        vlm.generate(image, PROMPT, max_new_tokens=3, interventions=[f"aai:alpha=0.5{reference}{span}"])
+        if "uniform" in value:
+            with pytest.raises(InputError, match="no vision reference"):
+                vlm.generate(image, PROMPT, max_new_tokens=3, interventions=[f"aai:alpha=0.5{span}"])
+    elif capability == "vcd":
+        vlm.generate(image, PROMPT, max_new_tokens=3, interventions=["vcd"])
+    elif capability == "truncate":
+        vlm.generate(image, PROMPT, max_new_tokens=3, interventions=["truncate:layer=1"])
+    elif capability == "fastv":
+        vlm.generate(image, PROMPT, max_new_tokens=3, interventions=["fastv:layer=1,keep=4"])
+    elif capability == "explain":
+        explain(vlm, image, PROMPT, layers=str(_FULL_LAYER) if full else "all", max_new_tokens=2)
+    elif capability == "flow":
+        vlm.flow(image, PROMPT, max_new_tokens=2)
+    elif capability == "heads":
+        vlm.heads([image], PROMPT, top_k=2, min_layer=1)
+    elif capability == "codebook":
+        from vlmscope.codebook.features import check_family, span_layout
+
+        check_family(vlm.adapter, "codebook")
+        span_layout(vlm.adapter, vlm.encode([image], [PROMPT]), 0)
+    else:  # pragma: no cover - the table and this probe must list the same capabilities
+        raise AssertionError(capability)
+
+
+_TABLE = {family: caps for family, _, _, caps in FAMILY_TABLE}
+_ARCH = {"llava": "llava", "llava_next": "llava-next", "qwen2_vl": "qwen2-vl", "llava_onevision": "llava-onevision",
+         "gemma3": "gemma3", "generic": "llava-onevision"}
+
+
+@pytest.mark.parametrize("family", list(_TABLE))
+def test_every_cell_of_the_family_table_holds(family):
+    vlm = VLM(*build_tiny(_ARCH[family]), f"tiny-{family}")
+    if family == "generic":
+        vlm.adapter = GenericAdapter(vlm.model, vlm.processor)
+    else:
+        assert vlm.adapter.family == family
+    assert set(_TABLE[family]) == set(CAPABILITIES)
+    for capability in CAPABILITIES:
+        value = _TABLE[family][capability]
+        if value == "no":
+            with pytest.raises(VlmscopeError):
+                _probe(vlm, capability, value)
+        else:
+            _probe(vlm, capability, value)
+
+
+def test_models_command_prints_the_table(capsys):
+    assert main(["models", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [row["family"] for row in data["families"]] == list(_TABLE)
+    assert data["capabilities"] == list(CAPABILITIES)
+    assert main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].split() == ["family", *CAPABILITIES]
+    assert main(["models", "--markdown"]) == 0
+    markdown = capsys.readouterr().out.strip()
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown in readme, "README's family table is out of date: paste `vlmscope models --markdown`"
+
+
+@pytest.mark.parametrize("arch", ["llava-onevision", "gemma3"])
+def test_tiny_model_cli_loads_with_stock_classes_and_runs_opera_pai_explain(arch, tmp_path, capsys):
+    out = tmp_path / arch
+    assert main(["tiny-model", "--arch", arch, "--out", str(out), "--seed", "2"]) == 0
+    from transformers import AutoModelForImageTextToText
+
+    stock = AutoModelForImageTextToText.from_pretrained(out).eval()
+    vlm = vlmscope.load(str(out), device="cpu")
+    assert type(stock) is type(vlm.model)
+    for (name, a), b in zip(stock.state_dict().items(), vlm.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    image = tmp_path / "image.png"
+    _image().save(image)
+    capsys.readouterr()
+    pai = "pai:alpha=0.5" if arch != "gemma3" else f"pai:alpha=0.5,start={_FULL_LAYER},end={_FULL_LAYER + 1}"
+    assert main(["generate", "--model", str(out), "--image", str(image), "--prompt", PROMPT, "--max-new-tokens",
+                 "3", "--intervention", pai, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)
+    if arch != "gemma3":
+        assert main(["generate", "--model", str(out), "--image", str(image), "--prompt", PROMPT,
+                     "--max-new-tokens", "3", "--decoding", "opera:num_beams=2", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)
+    maps = tmp_path / "maps"
+    layer = "0" if arch != "gemma3" else str(_FULL_LAYER)
+    assert main(["explain", "--model", str(out), "--image", str(image), "--prompt", PROMPT, "--layers", layer,
+                 "--max-new-tokens", "2", "--out", str(maps)]) == 0
+    assert (maps / "run.json").is_file() and list(maps.glob("*.png"))
