@@ -156,7 +156,8 @@ CAPABILITIES = ("generate", "opera", "pai", "aai", "vcd", "truncate", "fastv", "
 
 # Cell values: "yes"; "no" (raises a one-line error naming the reason); "uniform" (AAI with
 # `reference=uniform` only: no vision reference map is defined for the family); "full layers" (Gemma 3: only
-# with every operation on a full-attention layer, e.g. `pai:start=5,end=6`; its sliding-window layers raise).
+# with every operation on a full-attention layer, e.g. `pai:start=5,end=6`; its sliding-window layers raise;
+# truncation and FastV act on every layer from theirs to the last, which is a sliding one in Gemma 3).
 # tests/test_families_modern.py runs every cell on the family's tiny model and checks the claim.
 _ALL = dict.fromkeys(CAPABILITIES, "yes")
 FAMILY_TABLE: tuple[tuple[str, str, str, dict[str, str]], ...] = (
@@ -169,7 +170,7 @@ FAMILY_TABLE: tuple[tuple[str, str, str, dict[str, str]], ...] = (
      {**_ALL, "aai": "uniform", "codebook": "no"}),
     ("gemma3", "Gemma 3 (gemma3)", "pooled SigLIP patches, one square over the squashed image",
      {"generate": "yes", "opera": "no", "pai": "full layers", "aai": "full layers, uniform", "vcd": "yes",
-      "truncate": "full layers", "fastv": "no", "explain": "full layers", "flow": "no", "heads": "no",
+      "truncate": "no", "fastv": "no", "explain": "full layers", "flow": "no", "heads": "no",
       "codebook": "no"}),
     ("generic", "any other image-text-to-text model with an image token id in its config", "none (span only)",
      {**_ALL, "aai": "uniform", "explain": "no", "flow": "no", "heads": "no", "codebook": "no"}),
