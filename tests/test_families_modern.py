@@ -37,6 +37,11 @@ def gemma3() -> VLM:
 
 
 @pytest.fixture(scope="module")
+def qwen3_vl() -> VLM:
+    return VLM(*build_tiny("qwen3-vl"), "tiny-qwen3-vl")
+
+
+@pytest.fixture(scope="module")
 def generic() -> VLM:
     """The tiny OneVision model seen through the generic adapter (as an unknown family would be)."""
     vlm = VLM(*build_tiny("llava-onevision"), "tiny-llava-onevision")
@@ -52,7 +57,7 @@ def _stock(vlm: VLM, image: Image.Image, max_new_tokens: int, **kwargs):
     return out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), out, inputs
 
 
-@pytest.mark.parametrize("name", ["onevision", "gemma3", "generic"])
+@pytest.mark.parametrize("name", ["onevision", "gemma3", "qwen3_vl", "generic"])
 def test_greedy_and_beam_match_stock_generate(name, request):
     vlm = request.getfixturevalue(name)
     for image in (_image(), _image(32, 80, seed=1)):
@@ -85,7 +90,7 @@ def _stock_image_rows(vlm: VLM, image: Image.Image, steps: int) -> tuple[list[in
     return tokens, np.stack(rows)
 
 
-@pytest.mark.parametrize(("name", "layers"), [("onevision", [0, 3]), ("gemma3", [2])])
+@pytest.mark.parametrize(("name", "layers"), [("onevision", [0, 3]), ("gemma3", [2]), ("qwen3_vl", [1, 3])])
 def test_explain_grids_equal_stock_eager_attention(name, layers, request):
     vlm = request.getfixturevalue(name)
     image = _image(64, 32)
@@ -98,8 +103,11 @@ def test_explain_grids_equal_stock_eager_attention(name, layers, request):
     if name == "onevision":
         # 64×32 picks two tiles side by side: an 8-wide, 4-high tile grid (plus one newline column).
         assert [(g.name, g.height, g.width, g.row_stride) for g in grids] == [("base", 4, 4, 4), ("tiles", 4, 8, 9)]
-    else:
+    elif name == "gemma3":
         assert [(g.name, g.height, g.width) for g in grids] == [("image", 2, 2)]
+    else:
+        # 64×32 px, 8-px patches merged 2×2: a 2-high, 4-wide grid of merged tokens.
+        assert [(g.name, g.height, g.width) for g in grids] == [("image", 2, 4)]
 
 
 @pytest.mark.parametrize("size", [(56, 40), (32, 80), (90, 30), (64, 64), (33, 95)])
@@ -188,7 +196,8 @@ def _probe(vlm: VLM, capability: str, value: str) -> None:
     elif capability == "truncate":
         vlm.generate(image, PROMPT, max_new_tokens=3, interventions=["truncate:layer=1"])
     elif capability == "fastv":
-        vlm.generate(image, PROMPT, max_new_tokens=3, interventions=["fastv:k=1,ratio=0.5"])
+        # k=2: past the tiny Qwen3-VL's two DeepStack layers (k=1 there is refused, see the test below).
+        vlm.generate(image, PROMPT, max_new_tokens=3, interventions=["fastv:k=2,ratio=0.5"])
     elif capability == "explain":
         explain(vlm, image, PROMPT, layers=str(_FULL_LAYER) if full else "all", max_new_tokens=2)
     elif capability == "flow":
@@ -206,7 +215,7 @@ def _probe(vlm: VLM, capability: str, value: str) -> None:
 
 _TABLE = {family: caps for family, _, _, caps in FAMILY_TABLE}
 _ARCH = {"llava": "llava", "llava_next": "llava-next", "qwen2_vl": "qwen2-vl", "llava_onevision": "llava-onevision",
-         "gemma3": "gemma3", "generic": "llava-onevision"}
+         "gemma3": "gemma3", "qwen3_vl": "qwen3-vl", "generic": "llava-onevision"}
 
 
 @pytest.mark.parametrize("family", list(_TABLE))
@@ -242,7 +251,7 @@ def test_models_command_prints_the_table(capsys):
     assert markdown in readme, "README's family table is out of date: paste `vlmscope models --markdown`"
 
 
-@pytest.mark.parametrize("arch", ["llava-onevision", "gemma3"])
+@pytest.mark.parametrize("arch", ["llava-onevision", "gemma3", "qwen3-vl"])
 def test_tiny_model_cli_loads_with_stock_classes_and_runs_opera_pai_explain(arch, tmp_path, capsys):
     out = tmp_path / arch
     assert main(["tiny-model", "--arch", arch, "--out", str(out), "--seed", "2"]) == 0
@@ -269,3 +278,16 @@ def test_tiny_model_cli_loads_with_stock_classes_and_runs_opera_pai_explain(arch
     assert main(["explain", "--model", str(out), "--image", str(image), "--prompt", PROMPT, "--layers", layer,
                  "--max-new-tokens", "2", "--out", str(maps)]) == 0
     assert (maps / "run.json").is_file() and list(maps.glob("*.png"))
+
+
+def test_qwen3_vl_fastv_drop_before_deepstack_ends_is_refused_and_mask_mode_runs(qwen3_vl):
+    image = _image()
+    assert qwen3_vl.adapter.vision_fed_layers() == 2
+    with pytest.raises(InputError, match="DeepStack.*k >= 2"):
+        qwen3_vl.generate(image, PROMPT, max_new_tokens=2, interventions=["fastv:k=1,ratio=0.5"])
+    masked = qwen3_vl.generate(image, PROMPT, max_new_tokens=4, interventions=["fastv:k=1,ratio=0.5,mode=mask"])
+    # Past DeepStack, dropping and masking the same tokens give the same tokens (FastV's own equivalence).
+    dropped = qwen3_vl.generate(image, PROMPT, max_new_tokens=4, interventions=["fastv:k=2,ratio=0.5"])
+    masked2 = qwen3_vl.generate(image, PROMPT, max_new_tokens=4, interventions=["fastv:k=2,ratio=0.5,mode=mask"])
+    assert dropped.token_ids == masked2.token_ids
+    assert len(masked.token_ids) == 4

@@ -1,4 +1,4 @@
-"""Adapters for today's families (LLaVA-OneVision, Gemma 3) and the generic image-in-sequence adapter.
+"""Adapters for today's families (LLaVA-OneVision, Gemma 3, Qwen3-VL) and the generic image-in-sequence adapter.
 
 Image grids (where each family's image tokens sit on the original image):
 - LLaVA-OneVision: like LLaVA-NeXT, a base view (the whole image resized to one square tile, side×side tokens)
@@ -8,6 +8,8 @@ Image grids (where each family's image tokens sit on the original image):
 - Gemma 3: the image is resized to one square (no crop, no pan-and-scan), the SigLIP patches are average-pooled
   to `mm_tokens_per_image` tokens laid out as a square grid covering the whole image; the span is
   `<start_of_image>` + the image tokens + `<end_of_image>` (only the image tokens are in the grid).
+- Qwen3-VL: as Qwen2-VL, one token per merged 2×2 block of patches (`image_grid_thw` / merge_size), the grid
+  covering the whole image after the processor's resize to multiples of patch × merge.
 - Generic (any other `AutoModelForImageTextToText` with an image token id in its config): no grid is known;
   methods that only need the image span work, grid methods raise naming the family.
 
@@ -27,6 +29,7 @@ from vlmscope.models.adapters import (
     Batch,
     ImageGrid,
     LlavaNextAdapter,
+    Qwen2VLAdapter,
     _select_best_resolution,
     _unpadded_size,
 )
@@ -82,6 +85,19 @@ class Gemma3Adapter(Adapter):
         return [ImageGrid("image", 0, side, side, side)]
 
 
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    """Qwen3-VL: as Qwen2-VL, a merged patch grid (image_grid_thw / merge²) with M-RoPE positions (interleaved
+    sections, computed by the model's own `get_rope_index` from `mm_token_type_ids`). DeepStack adds vision
+    features to the first decoder layers' hidden states; the attention itself is plain."""
+
+    family = "qwen3_vl"
+    model_types = ("qwen3_vl",)
+
+    def vision_fed_layers(self) -> int:
+        """How many first decoder layers receive DeepStack vision features (FastV's drop must start after)."""
+        return len(getattr(self.model.config.vision_config, "deepstack_visual_indexes", None) or ())
+
+
 class GenericAdapter(Adapter):
     """Any image-text-to-text model whose image tokens sit in the language model's sequence.
 
@@ -105,10 +121,10 @@ class GenericAdapter(Adapter):
         )
 
 
-MODERN_ADAPTERS: tuple[type[Adapter], ...] = (LlavaOnevisionAdapter, Gemma3Adapter)
+MODERN_ADAPTERS: tuple[type[Adapter], ...] = (LlavaOnevisionAdapter, Gemma3Adapter, Qwen3VLAdapter)
 
 # Model types whose stock processor wants a video processor (torchvision) that image-only use does not need.
-VIDEO_PROCESSOR_TYPES = ("llava_onevision",)
+VIDEO_PROCESSOR_TYPES = ("llava_onevision", "qwen3_vl")
 
 
 def image_token_id_of(config: Any) -> int | None:
@@ -143,7 +159,7 @@ def load_image_only_processor(source: str, model_type: str, **hub: Any) -> Any:
 
     from vlmscope.models.tiny import image_only_qwen_processor
 
-    bases = {"llava_onevision": transformers.LlavaOnevisionProcessor}
+    bases = {"llava_onevision": transformers.LlavaOnevisionProcessor, "qwen3_vl": transformers.Qwen3VLProcessor}
     tokenizer = AutoTokenizer.from_pretrained(source, **hub)
     image_processor = AutoImageProcessor.from_pretrained(source, **hub)
     return image_only_qwen_processor(bases[model_type]).from_pretrained(
@@ -167,6 +183,8 @@ FAMILY_TABLE: tuple[tuple[str, str, str, dict[str, str]], ...] = (
      {**_ALL, "aai": "uniform", "codebook": "no"}),
     ("llava_onevision", "LLaVA-OneVision (llava_onevision)",
      "base view + unpadded any-res tiles, newline per row, shrunk past anyres_max_N",
+     {**_ALL, "aai": "uniform", "codebook": "no"}),
+    ("qwen3_vl", "Qwen3-VL (qwen3_vl)", "merged patches (grid_thw / merge), interleaved M-RoPE, DeepStack",
      {**_ALL, "aai": "uniform", "codebook": "no"}),
     ("gemma3", "Gemma 3 (gemma3)", "pooled SigLIP patches, one square over the squashed image",
      {"generate": "yes", "opera": "no", "pai": "full layers", "aai": "full layers, uniform", "vcd": "yes",

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llava", "llava-next", "qwen2-vl", "llava-onevision", "gemma3")
+ARCHS = ("llava", "llava-next", "qwen2-vl", "llava-onevision", "gemma3", "qwen3-vl")
 
 WORDS = (
     "USER ASSISTANT : user assistant system what is in the image ? a an cat dog red blue green "
@@ -260,7 +260,8 @@ def image_only_qwen_processor(base: type) -> type:
 
 
 BUILDERS = {"llava": build_llava, "llava-next": build_llava_next, "qwen2-vl": build_qwen2_vl,
-            "llava-onevision": lambda **kw: build_llava_onevision(**kw), "gemma3": lambda **kw: build_gemma3(**kw)}
+            "llava-onevision": lambda **kw: build_llava_onevision(**kw), "gemma3": lambda **kw: build_gemma3(**kw),
+            "qwen3-vl": lambda **kw: build_qwen3_vl(**kw)}
 
 
 def build_tiny(arch: str, seed: int = 0, **kwargs: Any) -> tuple[Any, Any]:
@@ -388,4 +389,47 @@ def build_gemma3(seed: int = 0, scale: float = 8.0, layer_types: list[str] | Non
     image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
     processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA_TEMPLATE,
                                 image_seq_length=tokens_per_image)
+    return model, processor
+
+
+def build_qwen3_vl(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
+    """Qwen3-VL: 8-px patches merged 2×2 (one token per 16 px), M-RoPE, DeepStack features into layers 0 and 1."""
+    from transformers import (
+        Qwen2VLImageProcessorPil,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+    )
+
+    tokenizer = build_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
+    text_config = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                         "mrope_interleaved": True},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision_config = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                         patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                         num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+    config = Qwen3VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    _scale_weights(model, scale, tokenizer)
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=8, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
+    )
+    processor = image_only_qwen_processor(Qwen3VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_TEMPLATE
+    )
     return model, processor
