@@ -42,6 +42,11 @@ def qwen3_vl() -> VLM:
 
 
 @pytest.fixture(scope="module")
+def idefics3() -> VLM:
+    return VLM(*build_tiny("idefics3"), "tiny-idefics3")
+
+
+@pytest.fixture(scope="module")
 def generic() -> VLM:
     """The tiny OneVision model seen through the generic adapter (as an unknown family would be)."""
     vlm = VLM(*build_tiny("llava-onevision"), "tiny-llava-onevision")
@@ -57,7 +62,7 @@ def _stock(vlm: VLM, image: Image.Image, max_new_tokens: int, **kwargs):
     return out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), out, inputs
 
 
-@pytest.mark.parametrize("name", ["onevision", "gemma3", "qwen3_vl", "generic"])
+@pytest.mark.parametrize("name", ["onevision", "gemma3", "qwen3_vl", "idefics3", "generic"])
 def test_greedy_and_beam_match_stock_generate(name, request):
     vlm = request.getfixturevalue(name)
     for image in (_image(), _image(32, 80, seed=1)):
@@ -90,7 +95,8 @@ def _stock_image_rows(vlm: VLM, image: Image.Image, steps: int) -> tuple[list[in
     return tokens, np.stack(rows)
 
 
-@pytest.mark.parametrize(("name", "layers"), [("onevision", [0, 3]), ("gemma3", [2]), ("qwen3_vl", [1, 3])])
+@pytest.mark.parametrize(("name", "layers"), [("onevision", [0, 3]), ("gemma3", [2]), ("qwen3_vl", [1, 3]),
+                                               ("idefics3", [0, 2])])
 def test_explain_grids_equal_stock_eager_attention(name, layers, request):
     vlm = request.getfixturevalue(name)
     image = _image(64, 32)
@@ -105,6 +111,11 @@ def test_explain_grids_equal_stock_eager_attention(name, layers, request):
         assert [(g.name, g.height, g.width, g.row_stride) for g in grids] == [("base", 4, 4, 4), ("tiles", 4, 8, 9)]
     elif name == "gemma3":
         assert [(g.name, g.height, g.width) for g in grids] == [("image", 2, 2)]
+    elif name == "idefics3":
+        # 64×32 px: one row of two 32-px tiles, then the global view; 2×2 tokens each.
+        assert [(g.name, g.height, g.width, g.region) for g in grids] == [
+            ("tile_r0_c0", 2, 2, (0.0, 0.0, 0.5, 1.0)), ("tile_r0_c1", 2, 2, (0.5, 0.0, 1.0, 1.0)),
+            ("global", 2, 2, (0.0, 0.0, 1.0, 1.0))]
     else:
         # 64×32 px, 8-px patches merged 2×2: a 2-high, 4-wide grid of merged tokens.
         assert [(g.name, g.height, g.width) for g in grids] == [("image", 2, 4)]
@@ -215,7 +226,7 @@ def _probe(vlm: VLM, capability: str, value: str) -> None:
 
 _TABLE = {family: caps for family, _, _, caps in FAMILY_TABLE}
 _ARCH = {"llava": "llava", "llava_next": "llava-next", "qwen2_vl": "qwen2-vl", "llava_onevision": "llava-onevision",
-         "gemma3": "gemma3", "qwen3_vl": "qwen3-vl", "generic": "llava-onevision"}
+         "gemma3": "gemma3", "qwen3_vl": "qwen3-vl", "idefics3": "idefics3", "generic": "llava-onevision"}
 
 
 @pytest.mark.parametrize("family", list(_TABLE))
@@ -251,7 +262,7 @@ def test_models_command_prints_the_table(capsys):
     assert markdown in readme, "README's family table is out of date: paste `vlmscope models --markdown`"
 
 
-@pytest.mark.parametrize("arch", ["llava-onevision", "gemma3", "qwen3-vl"])
+@pytest.mark.parametrize("arch", ["llava-onevision", "gemma3", "qwen3-vl", "idefics3"])
 def test_tiny_model_cli_loads_with_stock_classes_and_runs_opera_pai_explain(arch, tmp_path, capsys):
     out = tmp_path / arch
     assert main(["tiny-model", "--arch", arch, "--out", str(out), "--seed", "2"]) == 0
@@ -291,3 +302,48 @@ def test_qwen3_vl_fastv_drop_before_deepstack_ends_is_refused_and_mask_mode_runs
     masked2 = qwen3_vl.generate(image, PROMPT, max_new_tokens=4, interventions=["fastv:k=2,ratio=0.5,mode=mask"])
     assert dropped.token_ids == masked2.token_ids
     assert len(masked.token_ids) == 4
+
+
+def _changed_tokens(vlm: VLM, clean: Image.Image, edited: Image.Image) -> np.ndarray:
+    """Which image tokens' projected features differ between two images (bool, in image-token order)."""
+    feats = []
+    for image in (clean, edited):
+        batch = vlm.encode([image], [PROMPT])
+        inputs = {k: v for k, v in batch.model_inputs.items() if k != "batch_num_images"}
+        with torch.no_grad():
+            out = vlm.model.model.get_image_features(**inputs)
+        out = out.pooler_output if hasattr(out, "pooler_output") else out
+        out = torch.cat([o.reshape(-1, o.shape[-1]) for o in out]) if isinstance(out, list | tuple) else out
+        feats.append(out.reshape(-1, out.shape[-1]))
+    return ((feats[0] - feats[1]).abs().amax(-1) > 1e-6).numpy()
+
+
+def test_idefics3_tiles_lie_where_their_regions_say():
+    # An edit inside the bottom-left quarter changes that tile's tokens and the global view's, nothing else.
+    vlm = VLM(*build_tiny("idefics3"), "tiny-idefics3")
+    clean = _image(64, 64)
+    edited = clean.copy()
+    edited.paste((255, 0, 0), (4, 40, 20, 60))
+    changed = _changed_tokens(vlm, clean, edited)
+    grids = vlm.adapter.image_grids(vlm.encode([clean], [PROMPT]), 0)
+    assert [g.name for g in grids] == ["tile_r0_c0", "tile_r0_c1", "tile_r1_c0", "tile_r1_c1", "global"]
+    hit = {g.name for g in grids if changed[g.indices()].any()}
+    assert hit == {"tile_r1_c0", "global"}
+    assert changed[grids[2].indices()].all()
+
+
+def test_onevision_tile_tokens_lie_where_the_grid_says():
+    # 64×64 px → 2×2 tiles of 4×4 tokens; an edit inside the top-right tile changes exactly the top-right 4×4
+    # block of the 8×8 tile grid (and base-view tokens), so the unpadded layout is row-major over the image.
+    vlm = VLM(*build_tiny("llava-onevision"), "tiny-llava-onevision")
+    clean = _image(64, 64)
+    edited = clean.copy()
+    edited.paste((255, 0, 0), (40, 4, 60, 20))
+    changed = _changed_tokens(vlm, clean, edited)
+    base, tiles = vlm.adapter.image_grids(vlm.encode([clean], [PROMPT]), 0)
+    assert (tiles.height, tiles.width) == (8, 8)
+    cells = changed[tiles.indices()]
+    expected = np.zeros((8, 8), dtype=bool)
+    expected[:4, 4:] = True
+    np.testing.assert_array_equal(cells, expected)
+    assert changed[base.indices()].any()

@@ -10,6 +10,10 @@ Image grids (where each family's image tokens sit on the original image):
   `<start_of_image>` + the image tokens + `<end_of_image>` (only the image tokens are in the grid).
 - Qwen3-VL: as Qwen2-VL, one token per merged 2×2 block of patches (`image_grid_thw` / merge_size), the grid
   covering the whole image after the processor's resize to multiples of patch × merge.
+- Idefics3 / SmolVLM: the image is resized (longest edge), stretched to whole tiles of the encoder's size and
+  split row-major into rows×cols tiles, then a global view (the whole image squashed to one tile); each view's
+  SigLIP patches are pixel-shuffled (scale_factor² patches per token) into a square of tokens. Tiles are
+  separated by `<fake_token_around_image><row_i_col_j>` tags, so the image tokens are not one contiguous run.
 - Generic (any other `AutoModelForImageTextToText` with an image token id in its config): no grid is known;
   methods that only need the image span work, grid methods raise naming the family.
 
@@ -98,6 +102,55 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return len(getattr(self.model.config.vision_config, "deepstack_visual_indexes", None) or ())
 
 
+class Idefics3Adapter(Adapter):
+    """Idefics3 (and SmolVLM, same layout): row-major tiles, then a global view, each a square of tokens."""
+
+    family = "idefics3"
+    model_types = ("idefics3", "smolvlm")
+
+    def tokens_per_view(self) -> int:
+        """Image tokens per tile or global view: (image_size / patch_size)² patches / scale_factor²."""
+        config = self.model.config
+        vision = config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2 // int(config.scale_factor) ** 2
+
+    def tile_layout(self, batch: Batch, row: int) -> tuple[int, int]:
+        """(rows, cols) of the tiles of one row, read from its `<row_i_col_j>` tags ((0, 0): global view only)."""
+        tags = {}
+        for i in range(6):
+            for j in range(6):
+                token_id = self.tokenizer.convert_tokens_to_ids(f"<row_{i + 1}_col_{j + 1}>")
+                if token_id is not None and token_id != self.tokenizer.unk_token_id:
+                    tags[int(token_id)] = (i, j)
+        ids = batch.input_ids[row][batch.attention_mask[row].bool()].tolist()
+        seen = [tags[t] for t in ids if t in tags]
+        if not seen:
+            return 0, 0
+        return max(i for i, _ in seen) + 1, max(j for _, j in seen) + 1
+
+    def image_grids(self, batch: Batch, row: int) -> list[ImageGrid]:
+        per_view = self.tokens_per_view()
+        side = math.isqrt(per_view)
+        rows, cols = self.tile_layout(batch, row)
+        n = int(batch.image_mask[row].sum())
+        expected = per_view * (rows * cols + 1)
+        if n != expected or side * side != per_view:
+            raise InputError(f"Idefics3 layout mismatch: {n} image tokens, expected {expected} "
+                             f"({rows}×{cols} tiles + a global view of {per_view}; one image per prompt)")
+        # The processor stretches the image to rows×cols whole tiles, so each tile covers an equal share of it;
+        # the global view is the whole image squashed to one tile.
+        grids = [ImageGrid(f"tile_r{r}_c{c}", (r * cols + c) * per_view, side, side, side,
+                           (c / cols, r / rows, (c + 1) / cols, (r + 1) / rows))
+                 for r in range(rows) for c in range(cols)]
+        grids.append(ImageGrid("global", rows * cols * per_view, side, side, side))
+        return grids
+
+    def image_span(self, batch: Batch, row: int) -> tuple[int, int]:
+        raise UnsupportedModelError(
+            f"{self.family}: the image tokens are split by tile tags (not one contiguous span), which flow needs"
+        )
+
+
 class GenericAdapter(Adapter):
     """Any image-text-to-text model whose image tokens sit in the language model's sequence.
 
@@ -121,7 +174,7 @@ class GenericAdapter(Adapter):
         )
 
 
-MODERN_ADAPTERS: tuple[type[Adapter], ...] = (LlavaOnevisionAdapter, Gemma3Adapter, Qwen3VLAdapter)
+MODERN_ADAPTERS: tuple[type[Adapter], ...] = (LlavaOnevisionAdapter, Gemma3Adapter, Qwen3VLAdapter, Idefics3Adapter)
 
 # Model types whose stock processor wants a video processor (torchvision) that image-only use does not need.
 VIDEO_PROCESSOR_TYPES = ("llava_onevision", "qwen3_vl")
@@ -186,6 +239,9 @@ FAMILY_TABLE: tuple[tuple[str, str, str, dict[str, str]], ...] = (
      {**_ALL, "aai": "uniform", "codebook": "no"}),
     ("qwen3_vl", "Qwen3-VL (qwen3_vl)", "merged patches (grid_thw / merge), interleaved M-RoPE, DeepStack",
      {**_ALL, "aai": "uniform", "codebook": "no"}),
+    ("idefics3", "Idefics3 (idefics3), SmolVLM (smolvlm, same adapter, no tiny model)",
+     "row-major tiles + a global view, pixel-shuffled patches, tile tags between",
+     {**_ALL, "aai": "uniform", "flow": "no", "codebook": "no"}),
     ("gemma3", "Gemma 3 (gemma3)", "pooled SigLIP patches, one square over the squashed image",
      {"generate": "yes", "opera": "no", "pai": "full layers", "aai": "full layers, uniform", "vcd": "yes",
       "truncate": "no", "fastv": "no", "explain": "full layers", "flow": "no", "heads": "no",

@@ -13,7 +13,8 @@ from vlmscope.errors import InputError, UnsupportedModelError
 log = logging.getLogger(__name__)
 
 BUILTIN_TINY = {"tiny-llava": "llava", "tiny-llava-next": "llava-next", "tiny-qwen2-vl": "qwen2-vl",
-                "tiny-llava-onevision": "llava-onevision", "tiny-gemma3": "gemma3", "tiny-qwen3-vl": "qwen3-vl"}
+                "tiny-llava-onevision": "llava-onevision", "tiny-gemma3": "gemma3", "tiny-qwen3-vl": "qwen3-vl",
+                "tiny-idefics3": "idefics3"}
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
 
 

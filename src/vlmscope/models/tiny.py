@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llava", "llava-next", "qwen2-vl", "llava-onevision", "gemma3", "qwen3-vl")
+ARCHS = ("llava", "llava-next", "qwen2-vl", "llava-onevision", "gemma3", "qwen3-vl", "idefics3")
 
 WORDS = (
     "USER ASSISTANT : user assistant system what is in the image ? a an cat dog red blue green "
@@ -261,7 +261,8 @@ def image_only_qwen_processor(base: type) -> type:
 
 BUILDERS = {"llava": build_llava, "llava-next": build_llava_next, "qwen2-vl": build_qwen2_vl,
             "llava-onevision": lambda **kw: build_llava_onevision(**kw), "gemma3": lambda **kw: build_gemma3(**kw),
-            "qwen3-vl": lambda **kw: build_qwen3_vl(**kw)}
+            "qwen3-vl": lambda **kw: build_qwen3_vl(**kw),
+            "idefics3": lambda **kw: build_idefics3(**kw)}
 
 
 def build_tiny(arch: str, seed: int = 0, **kwargs: Any) -> tuple[Any, Any]:
@@ -432,4 +433,54 @@ def build_qwen3_vl(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
     processor = image_only_qwen_processor(Qwen3VLProcessor)(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_TEMPLATE
     )
+    return model, processor
+
+
+IDEFICS_TEMPLATE = (
+    "<s>{% for message in messages %}{{ 'User' if message['role'] == 'user' else 'Assistant' }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def build_idefics3(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
+    """Idefics3: 32-px tiles (row-major, up to 2×2 here) then a global view, each tile's 4×4 SigLIP patches
+    pixel-shuffled (scale 2) into 2×2 tokens; `<row_i_col_j>` and `<global-img>` tags between tiles.
+
+    (SmolVLM has the same layout; its stock processor needs a video processor, hence torchvision, even to
+    render a chat template, so it has no tiny model here.)"""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+    )
+
+    tags = tuple(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))
+    extra = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>", *tags)
+    tokenizer = build_tokenizer(("User", "Assistant"), extra_specials=extra)
+    tokenizer._tokenizer.post_processor = None  # the template writes BOS
+    image_size, patch_size, scale_factor = 32, 8, 2
+    vision_config = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+    config = Idefics3Config(
+        vision_config=vision_config.to_dict(),
+        text_config=_text_config(tokenizer).to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=scale_factor,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    _scale_weights(model, scale, tokenizer)
+    _zero_special_rows(model, tokenizer, extra)
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 2 * image_size},
+                                                max_image_size={"longest_edge": image_size}, do_image_splitting=True)
+    seq_len = (image_size // patch_size) ** 2 // scale_factor**2
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len,
+                                  chat_template=IDEFICS_TEMPLATE)
     return model, processor
