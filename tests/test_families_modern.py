@@ -47,6 +47,11 @@ def idefics3() -> VLM:
 
 
 @pytest.fixture(scope="module")
+def internvl() -> VLM:
+    return VLM(*build_tiny("internvl"), "tiny-internvl")
+
+
+@pytest.fixture(scope="module")
 def generic() -> VLM:
     """The tiny OneVision model seen through the generic adapter (as an unknown family would be)."""
     vlm = VLM(*build_tiny("llava-onevision"), "tiny-llava-onevision")
@@ -62,7 +67,7 @@ def _stock(vlm: VLM, image: Image.Image, max_new_tokens: int, **kwargs):
     return out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), out, inputs
 
 
-@pytest.mark.parametrize("name", ["onevision", "gemma3", "qwen3_vl", "idefics3", "generic"])
+@pytest.mark.parametrize("name", ["onevision", "gemma3", "qwen3_vl", "idefics3", "internvl", "generic"])
 def test_greedy_and_beam_match_stock_generate(name, request):
     vlm = request.getfixturevalue(name)
     for image in (_image(), _image(32, 80, seed=1)):
@@ -96,7 +101,7 @@ def _stock_image_rows(vlm: VLM, image: Image.Image, steps: int) -> tuple[list[in
 
 
 @pytest.mark.parametrize(("name", "layers"), [("onevision", [0, 3]), ("gemma3", [2]), ("qwen3_vl", [1, 3]),
-                                               ("idefics3", [0, 2])])
+                                               ("idefics3", [0, 2]), ("internvl", [1, 3])])
 def test_explain_grids_equal_stock_eager_attention(name, layers, request):
     vlm = request.getfixturevalue(name)
     image = _image(64, 32)
@@ -111,6 +116,11 @@ def test_explain_grids_equal_stock_eager_attention(name, layers, request):
         assert [(g.name, g.height, g.width, g.row_stride) for g in grids] == [("base", 4, 4, 4), ("tiles", 4, 8, 9)]
     elif name == "gemma3":
         assert [(g.name, g.height, g.width) for g in grids] == [("image", 2, 2)]
+    elif name == "internvl":
+        # 64×32 px: a 2-wide, 1-high canvas, then the thumbnail; 2×2 tokens each.
+        assert [(g.name, g.height, g.width, g.region) for g in grids] == [
+            ("tile_r0_c0", 2, 2, (0.0, 0.0, 0.5, 1.0)), ("tile_r0_c1", 2, 2, (0.5, 0.0, 1.0, 1.0)),
+            ("thumbnail", 2, 2, (0.0, 0.0, 1.0, 1.0))]
     elif name == "idefics3":
         # 64×32 px: one row of two 32-px tiles, then the global view; 2×2 tokens each.
         assert [(g.name, g.height, g.width, g.region) for g in grids] == [
@@ -226,7 +236,7 @@ def _probe(vlm: VLM, capability: str, value: str) -> None:
 
 _TABLE = {family: caps for family, _, _, caps in FAMILY_TABLE}
 _ARCH = {"llava": "llava", "llava_next": "llava-next", "qwen2_vl": "qwen2-vl", "llava_onevision": "llava-onevision",
-         "gemma3": "gemma3", "qwen3_vl": "qwen3-vl", "idefics3": "idefics3", "generic": "llava-onevision"}
+         "gemma3": "gemma3", "qwen3_vl": "qwen3-vl", "idefics3": "idefics3", "internvl": "internvl", "generic": "llava-onevision"}
 
 
 @pytest.mark.parametrize("family", list(_TABLE))
@@ -262,7 +272,7 @@ def test_models_command_prints_the_table(capsys):
     assert markdown in readme, "README's family table is out of date: paste `vlmscope models --markdown`"
 
 
-@pytest.mark.parametrize("arch", ["llava-onevision", "gemma3", "qwen3-vl", "idefics3"])
+@pytest.mark.parametrize("arch", ["llava-onevision", "gemma3", "qwen3-vl", "idefics3", "internvl"])
 def test_tiny_model_cli_loads_with_stock_classes_and_runs_opera_pai_explain(arch, tmp_path, capsys):
     out = tmp_path / arch
     assert main(["tiny-model", "--arch", arch, "--out", str(out), "--seed", "2"]) == 0
@@ -318,17 +328,18 @@ def _changed_tokens(vlm: VLM, clean: Image.Image, edited: Image.Image) -> np.nda
     return ((feats[0] - feats[1]).abs().amax(-1) > 1e-6).numpy()
 
 
-def test_idefics3_tiles_lie_where_their_regions_say():
-    # An edit inside the bottom-left quarter changes that tile's tokens and the global view's, nothing else.
-    vlm = VLM(*build_tiny("idefics3"), "tiny-idefics3")
+@pytest.mark.parametrize(("arch", "whole"), [("idefics3", "global"), ("internvl", "thumbnail")])
+def test_tiles_lie_where_their_regions_say(arch, whole):
+    # An edit inside the bottom-left quarter changes that tile's tokens and the whole-image view's, nothing else.
+    vlm = VLM(*build_tiny(arch), f"tiny-{arch}")
     clean = _image(64, 64)
     edited = clean.copy()
     edited.paste((255, 0, 0), (4, 40, 20, 60))
     changed = _changed_tokens(vlm, clean, edited)
     grids = vlm.adapter.image_grids(vlm.encode([clean], [PROMPT]), 0)
-    assert [g.name for g in grids] == ["tile_r0_c0", "tile_r0_c1", "tile_r1_c0", "tile_r1_c1", "global"]
+    assert [g.name for g in grids] == ["tile_r0_c0", "tile_r0_c1", "tile_r1_c0", "tile_r1_c1", whole]
     hit = {g.name for g in grids if changed[g.indices()].any()}
-    assert hit == {"tile_r1_c0", "global"}
+    assert hit == {"tile_r1_c0", whole}
     assert changed[grids[2].indices()].all()
 
 
@@ -347,3 +358,24 @@ def test_onevision_tile_tokens_lie_where_the_grid_says():
     expected[:4, 4:] = True
     np.testing.assert_array_equal(cells, expected)
     assert changed[base.indices()].any()
+
+
+def test_internvl_packed_tiles_batch_beam_and_vcd_equal_each_alone(internvl):
+    # Two images with different tile counts share one packed pixel tensor: beams and VCD's noise must follow
+    # each input's own tiles (VCD's noise is drawn once per input, so a batch equals each input alone).
+    images = [_image(64, 32), _image(40, 40, seed=3)]
+    for kwargs in ({"decoding": "beam:num_beams=2"}, {"interventions": ["vcd"]}):
+        batch = internvl.generate(images, [PROMPT, PROMPT], max_new_tokens=4, **kwargs)
+        alone = [internvl.generate(image, PROMPT, max_new_tokens=4, **kwargs) for image in images]
+        assert [r.token_ids for r in batch] == [r.token_ids for r in alone], kwargs
+    encoded = internvl.encode(images, [PROMPT, PROMPT])
+    assert internvl.adapter.packed_views_per_row(encoded) == [3, 1]
+    # One draw per input over all its tiles: equal tiles come out differently noised (one draw per tile, as a
+    # [B, C, H, W] tensor would get, repeats the same noise on every tile).
+    from vlmscope.interventions.vcd import add_diffusion_noise, noised_model_inputs
+
+    flat = torch.zeros(4, 3, 32, 32)
+    noised = noised_model_inputs({"pixel_values": flat}, 500, 7, [3, 1])["pixel_values"]
+    assert not torch.equal(noised[0], noised[1])
+    torch.testing.assert_close(noised[:3], add_diffusion_noise(flat[:3], 500, 7))
+    torch.testing.assert_close(noised[3:], add_diffusion_noise(flat[3:], 500, 7))

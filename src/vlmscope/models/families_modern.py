@@ -14,6 +14,10 @@ Image grids (where each family's image tokens sit on the original image):
   split row-major into rows×cols tiles, then a global view (the whole image squashed to one tile); each view's
   SigLIP patches are pixel-shuffled (scale_factor² patches per token) into a square of tokens. Tiles are
   separated by `<fake_token_around_image><row_i_col_j>` tags, so the image tokens are not one contiguous run.
+- InternVL (HF port): the image is stretched to the cols×rows canvas of whole tiles whose aspect ratio is
+  closest to its own (min_patches..max_patches tiles), cut row-major, plus a thumbnail (the whole image
+  squashed to one tile) when there is more than one tile; each tile's patches are pixel-shuffled
+  (downsample_ratio 0.5) into a square of tokens, all between `<img>` and `</img>`.
 - Generic (any other `AutoModelForImageTextToText` with an image token id in its config): no grid is known;
   methods that only need the image span work, grid methods raise naming the family.
 
@@ -151,6 +155,59 @@ class Idefics3Adapter(Adapter):
         )
 
 
+class InternVLAdapter(Adapter):
+    """InternVL (HF port): row-major tiles of the closest-aspect-ratio canvas, then a thumbnail when tiled."""
+
+    family = "internvl"
+    model_types = ("internvl",)
+
+    def tokens_per_view(self) -> int:
+        """Image tokens per tile: (image_size / patch_size)² patches × downsample_ratio² (pixel shuffle)."""
+        config = self.model.config
+        vision = config.vision_config
+        side = _first(vision.image_size) // _first(vision.patch_size)
+        return round(side * side * float(config.downsample_ratio) ** 2)
+
+    def tile_layout(self, width: int, height: int) -> tuple[int, int, bool]:
+        """(rows, cols, thumbnail) the image processor cuts an image of this size into."""
+        proc = self.processor.image_processor
+        if not getattr(proc, "crop_to_patches", False):
+            return 1, 1, False
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+        size = proc.size
+        cols, rows = get_optimal_tiled_canvas((height, width), (size["height"], size["width"]),
+                                              proc.min_patches, proc.max_patches)
+        return rows, cols, rows * cols > 1
+
+    def packed_views_per_row(self, batch: Batch) -> list[int]:
+        """Tiles (and thumbnail) per input in the packed pixel tensor (VCD noises each input once)."""
+        per_view = self.tokens_per_view()
+        return [int(n) // per_view for n in batch.image_mask.sum(dim=1).tolist()]
+
+    def image_grids(self, batch: Batch, row: int) -> list[ImageGrid]:
+        per_view = self.tokens_per_view()
+        side = math.isqrt(per_view)
+        width, height = batch.image_sizes[row]
+        rows, cols, thumbnail = self.tile_layout(width, height)
+        n = int(batch.image_mask[row].sum())
+        expected = per_view * (rows * cols + int(thumbnail))
+        if n != expected or side * side != per_view:
+            raise InputError(f"InternVL layout mismatch: {n} image tokens, expected {expected} ({rows}×{cols} "
+                             f"tiles{' + a thumbnail' if thumbnail else ''} of {per_view}; one image per prompt)")
+        # The image is stretched to cols×rows whole tiles, so each tile covers an equal share of it.
+        grids = [ImageGrid(f"tile_r{r}_c{c}", (r * cols + c) * per_view, side, side, side,
+                           (c / cols, r / rows, (c + 1) / cols, (r + 1) / rows))
+                 for r in range(rows) for c in range(cols)]
+        if thumbnail:
+            grids.append(ImageGrid("thumbnail", rows * cols * per_view, side, side, side))
+        return grids
+
+
+def _first(value: Any) -> int:
+    return int(value[0]) if isinstance(value, list | tuple) else int(value)
+
+
 class GenericAdapter(Adapter):
     """Any image-text-to-text model whose image tokens sit in the language model's sequence.
 
@@ -174,10 +231,11 @@ class GenericAdapter(Adapter):
         )
 
 
-MODERN_ADAPTERS: tuple[type[Adapter], ...] = (LlavaOnevisionAdapter, Gemma3Adapter, Qwen3VLAdapter, Idefics3Adapter)
+MODERN_ADAPTERS: tuple[type[Adapter], ...] = (LlavaOnevisionAdapter, Gemma3Adapter, Qwen3VLAdapter, Idefics3Adapter,
+                                              InternVLAdapter)
 
 # Model types whose stock processor wants a video processor (torchvision) that image-only use does not need.
-VIDEO_PROCESSOR_TYPES = ("llava_onevision", "qwen3_vl")
+VIDEO_PROCESSOR_TYPES = ("llava_onevision", "qwen3_vl", "internvl")
 
 
 def image_token_id_of(config: Any) -> int | None:
@@ -212,7 +270,8 @@ def load_image_only_processor(source: str, model_type: str, **hub: Any) -> Any:
 
     from vlmscope.models.tiny import image_only_qwen_processor
 
-    bases = {"llava_onevision": transformers.LlavaOnevisionProcessor, "qwen3_vl": transformers.Qwen3VLProcessor}
+    bases = {"llava_onevision": transformers.LlavaOnevisionProcessor, "qwen3_vl": transformers.Qwen3VLProcessor,
+             "internvl": transformers.InternVLProcessor}
     tokenizer = AutoTokenizer.from_pretrained(source, **hub)
     image_processor = AutoImageProcessor.from_pretrained(source, **hub)
     return image_only_qwen_processor(bases[model_type]).from_pretrained(
@@ -242,6 +301,8 @@ FAMILY_TABLE: tuple[tuple[str, str, str, dict[str, str]], ...] = (
     ("idefics3", "Idefics3 (idefics3), SmolVLM (smolvlm, same adapter, no tiny model)",
      "row-major tiles + a global view, pixel-shuffled patches, tile tags between",
      {**_ALL, "aai": "uniform", "flow": "no", "codebook": "no"}),
+    ("internvl", "InternVL 3 / 3.5, HF port (internvl)", "row-major tiles + a thumbnail, pixel-shuffled patches",
+     {**_ALL, "aai": "uniform", "codebook": "no"}),
     ("gemma3", "Gemma 3 (gemma3)", "pooled SigLIP patches, one square over the squashed image",
      {"generate": "yes", "opera": "no", "pai": "full layers", "aai": "full layers, uniform", "vcd": "yes",
       "truncate": "no", "fastv": "no", "explain": "full layers", "flow": "no", "heads": "no",

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 BUILTIN_TINY = {"tiny-llava": "llava", "tiny-llava-next": "llava-next", "tiny-qwen2-vl": "qwen2-vl",
                 "tiny-llava-onevision": "llava-onevision", "tiny-gemma3": "gemma3", "tiny-qwen3-vl": "qwen3-vl",
-                "tiny-idefics3": "idefics3"}
+                "tiny-idefics3": "idefics3", "tiny-internvl": "internvl"}
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llava", "llava-next", "qwen2-vl", "llava-onevision", "gemma3", "qwen3-vl", "idefics3")
+ARCHS = ("llava", "llava-next", "qwen2-vl", "llava-onevision", "gemma3", "qwen3-vl", "idefics3", "internvl")
 
 WORDS = (
     "USER ASSISTANT : user assistant system what is in the image ? a an cat dog red blue green "
@@ -262,7 +262,7 @@ def image_only_qwen_processor(base: type) -> type:
 BUILDERS = {"llava": build_llava, "llava-next": build_llava_next, "qwen2-vl": build_qwen2_vl,
             "llava-onevision": lambda **kw: build_llava_onevision(**kw), "gemma3": lambda **kw: build_gemma3(**kw),
             "qwen3-vl": lambda **kw: build_qwen3_vl(**kw),
-            "idefics3": lambda **kw: build_idefics3(**kw)}
+            "idefics3": lambda **kw: build_idefics3(**kw), "internvl": lambda **kw: build_internvl(**kw)}
 
 
 def build_tiny(arch: str, seed: int = 0, **kwargs: Any) -> tuple[Any, Any]:
@@ -483,4 +483,43 @@ def build_idefics3(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
     seq_len = (image_size // patch_size) ** 2 // scale_factor**2
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len,
                                   chat_template=IDEFICS_TEMPLATE)
+    return model, processor
+
+
+def build_internvl(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
+    """InternVL (HF port): 32-px tiles (1 to 4, closest aspect ratio) plus a thumbnail when tiled; each tile's
+    4×4 patches pixel-shuffled (ratio 0.5) into 2×2 tokens between `<img>` and `</img>`."""
+    from transformers import (
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVisionConfig,
+    )
+
+    extra = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+    tokenizer = build_tokenizer(extra_specials=extra, named_specials={
+        "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>"})
+    image_size, patch_size = 32, 8
+    vision_config = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=[image_size, image_size],
+                                         patch_size=[patch_size, patch_size])
+    config = InternVLConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=_text_config(tokenizer).to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=4,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    _scale_weights(model, scale, tokenizer)
+    _zero_special_rows(model, tokenizer, extra)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True,
+                                               min_patches=1, max_patches=4)
+    processor = image_only_qwen_processor(InternVLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=None, image_seq_length=4,
+        chat_template=QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n"))
     return model, processor
