@@ -379,3 +379,54 @@ def test_internvl_packed_tiles_batch_beam_and_vcd_equal_each_alone(internvl):
     assert not torch.equal(noised[0], noised[1])
     torch.testing.assert_close(noised[:3], add_diffusion_noise(flat[:3], 500, 7))
     torch.testing.assert_close(noised[3:], add_diffusion_noise(flat[3:], 500, 7))
+
+
+def _save_tiny_vipllava(out) -> None:
+    """A family vlmscope has no adapter for (VipLlava), saved to disk with a LLaVA processor."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlavaProcessor,
+        VipLlavaConfig,
+        VipLlavaForConditionalGeneration,
+    )
+
+    from vlmscope.models.tiny import LLAVA_TEMPLATE, _scale_weights, _text_config, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = VipLlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=_text_config(tokenizer), image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layers=[-2, -1], image_seq_length=16)
+    torch.manual_seed(0)
+    model = VipLlavaForConditionalGeneration(config).eval()
+    _scale_weights(model, 8.0, tokenizer)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def test_an_unknown_family_loads_through_the_generic_adapter(tmp_path, capsys):
+    _save_tiny_vipllava(tmp_path / "vip")
+    vlm = vlmscope.load(str(tmp_path / "vip"), device="cpu")
+    assert type(vlm.adapter) is GenericAdapter and vlm.adapter.family == "generic:vipllava"
+    image = _image()
+    ref, _, _ = _stock(vlm, image, 6)
+    assert vlm.generate(image, PROMPT, max_new_tokens=6).token_ids == ref
+    opera = vlm.generate(image, PROMPT, max_new_tokens=6, decoding="opera:num_beams=2")
+    pai = vlm.generate(image, PROMPT, max_new_tokens=6, interventions=["pai:alpha=2.0,start=0"])
+    assert len(opera.token_ids) >= 1 and pai.token_ids != ref  # a large PAI boost changes the answer
+    with pytest.raises(UnsupportedModelError, match="vipllava.*no image grid"):
+        explain(vlm, image, PROMPT, max_new_tokens=2)
+    # The command line: exit 2 with the one-line reason, nothing written.
+    image_file = tmp_path / "image.png"
+    image.save(image_file)
+    capsys.readouterr()
+    code = main(["explain", "--model", str(tmp_path / "vip"), "--image", str(image_file), "--prompt", PROMPT,
+                 "--out", str(tmp_path / "maps")])
+    assert code == 2 and "generic adapter" in capsys.readouterr().err
+    assert not (tmp_path / "maps").exists()
