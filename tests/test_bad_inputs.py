@@ -157,6 +157,10 @@ CASES = {
     "shapes-eval bad decoding": ["shapes-eval", "--n", "2", "--decoding", "beam:k=1"],
     "demo out is a file": ["demo", "--out", "{taken.txt}"],
     "methods extra argument": ["methods", "beam"],
+    "models json and markdown": ["models", "--json", "--markdown"],
+    "models extra argument": ["models", "gemma3"],
+    "explain on a gemma3 sliding-window layer": ["explain", "--model", "tiny-gemma3", "--image", "{image.png}",
+                                                 "--prompt", "hi", "--layers", "0", "--out", "{new_out}"],
     "unknown command": ["frobnicate"],
 }
 if NO_CUDA:

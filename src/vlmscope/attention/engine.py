@@ -306,8 +306,9 @@ def _record(capture: Capture, probs: torch.Tensor, image_keys: torch.Tensor | No
 
 
 # Keyword arguments of the attention call that do not change its math (anything else must be implemented by the
-# eager path before a layer with operations may see it).
-_PASSIVE_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "output_attentions"})
+# eager path before a layer with operations may see it). LLaVA-OneVision's outer model hands `logits_to_keep`
+# down to its decoder layers, where it only reaches the attention call's **kwargs.
+_PASSIVE_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "output_attentions", "logits_to_keep"})
 _NO_OPS = LayerOps()
 
 

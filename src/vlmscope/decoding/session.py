@@ -195,10 +195,13 @@ class GenerationRun:
         batch = self.batch
         rep = {}
         grid = batch.model_inputs.get("image_grid_thw")
+        # InternVL packs every input's tiles in one [tiles, C, H, W] tensor; its adapter says how many per input.
+        views = getattr(self.adapter, "packed_views_per_row", None)
         for key, value in batch.model_inputs.items():
-            if key == "pixel_values" and grid is not None:
+            if key == "pixel_values" and (grid is not None or views is not None):
                 # Qwen packs all images' patches in one [patches, dim] tensor: repeat per image.
-                chunks = value.split(grid.prod(-1).tolist(), dim=0)
+                sizes = grid.prod(-1).tolist() if grid is not None else views(batch)
+                chunks = value.split(sizes, dim=0)
                 rep[key] = torch.cat([c for c in chunks for _ in range(n)], dim=0)
             else:
                 rep[key] = _repeat_rows(value, n, batch.batch_size)

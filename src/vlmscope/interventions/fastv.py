@@ -94,6 +94,13 @@ class _FastVRun(InterventionState):
         if self.k >= depth:
             raise InputError(f"fastv: k={self.k} is past this model's decoder layers 0..{depth - 1}; "
                              f"choose 1 <= k < {depth}")
+        # Qwen3-VL's DeepStack adds vision features at the image positions of its first layers: a shorter
+        # sequence there would break it, so drop only from the first layer past them.
+        fed = int(getattr(run.adapter, "vision_fed_layers", lambda: 0)())
+        if self.mode == "drop" and self.k < fed:
+            raise InputError(f"fastv: this {run.adapter.family} model adds vision features to decoder layers "
+                             f"0..{fed - 1} (DeepStack), so image tokens cannot be dropped before layer {fed}: "
+                             f"choose k >= {fed}, or fastv:mode=mask")
         counts = run.batch.image_mask.sum(dim=1)
         if (self.mode == "drop" or not self.rank_per_row) and not bool((counts == counts[0]).all()):
             raise InputError("fastv: the rows have different numbers of image tokens; use fastv:mode=mask,"

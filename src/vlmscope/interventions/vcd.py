@@ -46,13 +46,20 @@ def add_diffusion_noise(pixels: torch.Tensor, step: int, seed: int) -> torch.Ten
     return noised.to(pixels.dtype)
 
 
-def noised_model_inputs(model_inputs: dict[str, Any], step: int, seed: int) -> dict[str, Any]:
-    """A copy of the processor outputs with every input's pixel values noised independently."""
+def noised_model_inputs(model_inputs: dict[str, Any], step: int, seed: int,
+                        views_per_row: list[int] | None = None) -> dict[str, Any]:
+    """A copy of the processor outputs with every input's pixel values noised independently.
+
+    `views_per_row`: for processors that pack every input's tiles in one [tiles, C, H, W] tensor (InternVL),
+    how many of them belong to each input, so that each input gets one noise draw, not one per tile."""
     pixels = model_inputs.get("pixel_values")
     if not isinstance(pixels, torch.Tensor):
         raise InputError("vcd: the batch has no pixel_values to distort")
     grid = model_inputs.get("image_grid_thw")
-    if grid is not None:
+    if views_per_row is not None:
+        chunks = pixels.split(views_per_row, dim=0)
+        noised = torch.cat([add_diffusion_noise(c, step, seed) for c in chunks], dim=0)
+    elif grid is not None:
         # Qwen2-VL packs all images' patches in one [patches, dim] tensor.
         chunks = pixels.split(grid.prod(-1).tolist(), dim=0)
         noised = torch.cat([add_diffusion_noise(c, step, seed) for c in chunks], dim=0)
@@ -102,7 +109,9 @@ class _VCDRun(InterventionState):
             self._branch.close()  # a second prefill of the same run restarts the branch
         self._run = run
         batch = run.batch
-        inputs = noised_model_inputs(batch.model_inputs, self.noise_step, self.noise_seed)
+        views = getattr(run.adapter, "packed_views_per_row", None)
+        inputs = noised_model_inputs(batch.model_inputs, self.noise_step, self.noise_seed,
+                                     views(batch) if views is not None else None)
         self._branch = Branch(run.model, run.adapter, batch.input_ids, batch.attention_mask, inputs)
 
     def process_logits(self, logits: torch.Tensor, run: GenerationRun, new_tokens: torch.Tensor | None

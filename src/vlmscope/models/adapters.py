@@ -320,8 +320,14 @@ def adapter_for(model: Any, processor: Any) -> Adapter:
     for cls in ADAPTERS:
         if model_type in cls.model_types:
             return cls(model, processor)
-    supported = ", ".join(t for cls in ADAPTERS for t in cls.model_types)
+    from vlmscope.models.families_modern import MODERN_ADAPTERS, modern_adapter_for
+
+    found = modern_adapter_for(model, processor)  # newer families, then the generic image-in-sequence adapter
+    if found is not None:
+        return found
+    supported = ", ".join(t for cls in (*ADAPTERS, *MODERN_ADAPTERS) for t in cls.model_types)
     raise UnsupportedModelError(
         f"unsupported model type {model_type!r}: vlmscope supports {supported} "
-        "(LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL)"
+        "(LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, Gemma 3), and any image-text-to-text "
+        "model whose config names an image token id (generic adapter)"
     )

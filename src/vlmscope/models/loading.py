@@ -12,7 +12,9 @@ from vlmscope.errors import InputError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
-BUILTIN_TINY = {"tiny-llava": "llava", "tiny-llava-next": "llava-next", "tiny-qwen2-vl": "qwen2-vl"}
+BUILTIN_TINY = {"tiny-llava": "llava", "tiny-llava-next": "llava-next", "tiny-qwen2-vl": "qwen2-vl",
+                "tiny-llava-onevision": "llava-onevision", "tiny-gemma3": "gemma3", "tiny-qwen3-vl": "qwen3-vl",
+                "tiny-idefics3": "idefics3", "tiny-internvl": "internvl"}
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
 
 
@@ -99,8 +101,10 @@ def load_model_and_processor(ref: str, device: Any = None, dtype: Any = None, *,
 
     hub: dict[str, Any] = {"revision": revision} if revision is not None else {}
     config = AutoConfig.from_pretrained(source, **hub)
-    supported = {t for cls in ADAPTERS for t in cls.model_types}
-    if config.model_type not in supported:
+    from vlmscope.models.families_modern import MODERN_ADAPTERS, generic_loadable
+
+    supported = {t for cls in (*ADAPTERS, *MODERN_ADAPTERS) for t in cls.model_types}
+    if config.model_type not in supported and not generic_loadable(config):
         raise UnsupportedModelError(
             f"unsupported model type {config.model_type!r}: vlmscope supports {', '.join(sorted(supported))}"
         )
@@ -135,6 +139,11 @@ def load_processor(source: str, model_type: str, **hub: Any) -> Any:
     try:
         return AutoProcessor.from_pretrained(source, **hub)
     except (OSError, ImportError, ValueError, TypeError) as exc:
+        from vlmscope.models.families_modern import VIDEO_PROCESSOR_TYPES, load_image_only_processor
+
+        if model_type in VIDEO_PROCESSOR_TYPES:
+            log.info("building an image-only %s processor (%s)", model_type, exc)
+            return load_image_only_processor(source, model_type, **hub)
         if model_type not in ("qwen2_vl", "qwen2_5_vl"):
             raise
         # The stock Qwen processor wants a video processor, which needs torchvision; images do not.

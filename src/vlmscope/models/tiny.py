@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llava", "llava-next", "qwen2-vl")
+ARCHS = ("llava", "llava-next", "qwen2-vl", "llava-onevision", "gemma3", "qwen3-vl", "idefics3", "internvl")
 
 WORDS = (
     "USER ASSISTANT : user assistant system what is in the image ? a an cat dog red blue green "
@@ -47,18 +47,21 @@ QWEN_TEMPLATE = (
 )
 
 
-def build_tokenizer(extra_words: tuple[str, ...] = ()) -> Any:
+def build_tokenizer(extra_words: tuple[str, ...] = (), extra_specials: tuple[str, ...] = (),
+                    named_specials: dict[str, str] | None = None) -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
-    for token in [*SPECIALS, *WORDS, *extra_words]:
+    # Extra specials go after the words, so the ids of the older families' vocabularies do not move.
+    specials = [*SPECIALS, *extra_specials]
+    for token in [*SPECIALS, *WORDS, *extra_words, *extra_specials]:
         vocab.setdefault(token, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
     )
-    tok.add_special_tokens(SPECIALS)
+    tok.add_special_tokens(specials)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
@@ -73,6 +76,7 @@ def build_tokenizer(extra_words: tuple[str, ...] = ()) -> Any:
         pad_token="<pad>",
         padding_side="left",
         model_input_names=["input_ids", "attention_mask"],
+        **({"extra_special_tokens": named_specials} if named_specials else {}),
     )
 
 
@@ -255,7 +259,10 @@ def image_only_qwen_processor(base: type) -> type:
     return ImageOnlyProcessor
 
 
-BUILDERS = {"llava": build_llava, "llava-next": build_llava_next, "qwen2-vl": build_qwen2_vl}
+BUILDERS = {"llava": build_llava, "llava-next": build_llava_next, "qwen2-vl": build_qwen2_vl,
+            "llava-onevision": lambda **kw: build_llava_onevision(**kw), "gemma3": lambda **kw: build_gemma3(**kw),
+            "qwen3-vl": lambda **kw: build_qwen3_vl(**kw),
+            "idefics3": lambda **kw: build_idefics3(**kw), "internvl": lambda **kw: build_internvl(**kw)}
 
 
 def build_tiny(arch: str, seed: int = 0, **kwargs: Any) -> tuple[Any, Any]:
@@ -276,3 +283,243 @@ def save_tiny(arch: str, out: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def _zero_special_rows(model: Any, tokenizer: Any, tokens: tuple[str, ...]) -> None:
+    """As `_scale_weights` does for SPECIALS: the extra specials get logit 0, so greedy never picks them."""
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        for token in tokens:
+            head[tokenizer.convert_tokens_to_ids(token)] = 0
+
+
+def _siglip_vision(image_size: int, patch_size: int) -> Any:
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_size, patch_size=patch_size)
+
+
+def build_llava_onevision(seed: int = 0, scale: float = 8.0,
+                          vision_aspect_ratio: str = "anyres_max_4") -> tuple[Any, Any]:
+    """LLaVA-OneVision: SigLIP tower (no CLS, "full" features), any-res tiles of 32 px, anyres_max_4 (a lower
+    maximum makes the model shrink the tile grid, as real checkpoints do past 9 tiles)."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+    )
+
+    extra = ("<video>",)
+    tokenizer = build_tokenizer(extra_specials=extra)
+    image_size, patch_size = 32, 8
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+    config = LlavaOnevisionConfig(
+        vision_config=_siglip_vision(image_size, patch_size),
+        text_config=_text_config(tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=vision_aspect_ratio,
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    _scale_weights(model, scale, tokenizer)
+    _zero_special_rows(model, tokenizer, extra)
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints,
+    )
+    processor = image_only_qwen_processor(LlavaOnevisionProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+        num_image_tokens=(image_size // patch_size) ** 2, vision_feature_select_strategy="full",
+        vision_aspect_ratio=vision_aspect_ratio, chat_template=QWEN_TEMPLATE.replace(
+            "<|vision_start|><|image_pad|><|vision_end|>", "<image>\n"),
+    )
+    return model, processor
+
+
+GEMMA_TEMPLATE = (
+    "<s>{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else 'user' }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<start_of_image>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def build_gemma3(seed: int = 0, scale: float = 8.0, layer_types: list[str] | None = None) -> tuple[Any, Any]:
+    """Gemma 3: SigLIP tower, 4×4 patches pooled to 2×2 image tokens, layers 0, 1, 3 sliding, 2 full."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        Gemma3TextConfig,
+    )
+
+    extra = ("<start_of_image>", "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>")
+    tokenizer = build_tokenizer(("model",), extra_specials=extra, named_specials={
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    # The tokenizer adds no BOS: the template writes it, as Gemma's does.
+    tokenizer._tokenizer.post_processor = None
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in extra}
+    image_size, patch_size, tokens_per_image = 32, 8, 4
+    text_config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+        query_pre_attn_scalar=16, sliding_window=8,
+        layer_types=layer_types or ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = Gemma3Config(
+        text_config=text_config,
+        vision_config=_siglip_vision(image_size, patch_size),
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    _scale_weights(model, scale, tokenizer)
+    _zero_special_rows(model, tokenizer, extra)
+    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA_TEMPLATE,
+                                image_seq_length=tokens_per_image)
+    return model, processor
+
+
+def build_qwen3_vl(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
+    """Qwen3-VL: 8-px patches merged 2×2 (one token per 16 px), M-RoPE, DeepStack features into layers 0 and 1."""
+    from transformers import (
+        Qwen2VLImageProcessorPil,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+    )
+
+    tokenizer = build_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
+    text_config = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                         "mrope_interleaved": True},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision_config = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                         patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                         num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+    config = Qwen3VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    _scale_weights(model, scale, tokenizer)
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=8, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
+    )
+    processor = image_only_qwen_processor(Qwen3VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_TEMPLATE
+    )
+    return model, processor
+
+
+IDEFICS_TEMPLATE = (
+    "<s>{% for message in messages %}{{ 'User' if message['role'] == 'user' else 'Assistant' }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def build_idefics3(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
+    """Idefics3: 32-px tiles (row-major, up to 2×2 here) then a global view, each tile's 4×4 SigLIP patches
+    pixel-shuffled (scale 2) into 2×2 tokens; `<row_i_col_j>` and `<global-img>` tags between tiles.
+
+    (SmolVLM has the same layout; its stock processor needs a video processor, hence torchvision, even to
+    render a chat template, so it has no tiny model here.)"""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+    )
+
+    tags = tuple(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))
+    extra = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>", *tags)
+    tokenizer = build_tokenizer(("User", "Assistant"), extra_specials=extra)
+    tokenizer._tokenizer.post_processor = None  # the template writes BOS
+    image_size, patch_size, scale_factor = 32, 8, 2
+    vision_config = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+    config = Idefics3Config(
+        vision_config=vision_config.to_dict(),
+        text_config=_text_config(tokenizer).to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=scale_factor,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    _scale_weights(model, scale, tokenizer)
+    _zero_special_rows(model, tokenizer, extra)
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 2 * image_size},
+                                                max_image_size={"longest_edge": image_size}, do_image_splitting=True)
+    seq_len = (image_size // patch_size) ** 2 // scale_factor**2
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len,
+                                  chat_template=IDEFICS_TEMPLATE)
+    return model, processor
+
+
+def build_internvl(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
+    """InternVL (HF port): 32-px tiles (1 to 4, closest aspect ratio) plus a thumbnail when tiled; each tile's
+    4×4 patches pixel-shuffled (ratio 0.5) into 2×2 tokens between `<img>` and `</img>`."""
+    from transformers import (
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVisionConfig,
+    )
+
+    extra = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+    tokenizer = build_tokenizer(extra_specials=extra, named_specials={
+        "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>"})
+    image_size, patch_size = 32, 8
+    vision_config = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=[image_size, image_size],
+                                         patch_size=[patch_size, patch_size])
+    config = InternVLConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=_text_config(tokenizer).to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=4,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    _scale_weights(model, scale, tokenizer)
+    _zero_special_rows(model, tokenizer, extra)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True,
+                                               min_patches=1, max_patches=4)
+    processor = image_only_qwen_processor(InternVLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=None, image_seq_length=4,
+        chat_template=QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n"))
+    return model, processor
