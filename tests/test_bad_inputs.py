@@ -60,6 +60,7 @@ M = ["--model", "tiny-llava"]
 GEN = ["generate", *M, "--image", "{image.png}", "--prompt", "describe ."]
 EXPLAIN = ["explain", *M, "--image", "{image.png}", "--prompt", "describe .", "--max-new-tokens", "2"]
 FLOW = ["flow", *M, "--image", "{image.png}", "--prompt", "describe .", "--max-new-tokens", "2"]
+EXPLORE = ["explore", *M, "--image", "{image.png}", "--prompt", "describe .", "--max-new-tokens", "2"]
 HEADS = ["heads", *M, "--images", "{image.png}", "--prompt", "the dog"]
 CHAIR = ["chair", "--gt-objects", "{gt.json}"]
 POPE = ["pope", "score", "--questions", "{coco_pope_random.jsonl}"]
@@ -89,6 +90,16 @@ CASES = {
     "explain bad reduce": [*EXPLAIN, "--out", "{new_out}", "--reduce", "tokens"],
     "explain negative tokens": [*EXPLAIN, "--out", "{new_out}", "--max-new-tokens", "-1"],
     "explain absent cuda index": [*EXPLAIN, "--out", "{new_out}", "--device", "cuda:99"],
+    "explain html is a folder": [*EXPLAIN, "--out", "{new_out}", "--html", "{empty_dir}"],
+    "explain html page over budget": [*EXPLAIN, "--out", "{new_out}", "--html", "{page.html}", "--max-page-mb", "0"],
+    "explore out is a folder": [*EXPLORE, "--out", "{empty_dir}"],
+    "explore out not html": [*EXPLORE, "--out", "{page.txt}"],
+    "explore model and result": [*EXPLORE, "--result", "{empty_dir}", "--out", "{page.html}"],
+    "explore result not explain": ["explore", "--result", "{empty_dir}", "--image", "{image.png}", "--out",
+                                   "{page.html}"],
+    "explore bad localization heads": [*EXPLORE, "--out", "{page.html}", "--localization-heads", "3-1"],
+    "explore localization head out of range": [*EXPLORE, "--out", "{page.html}", "--localization-heads", "1:99"],
+    "explore layer out of range": [*EXPLORE, "--out", "{page.html}", "--layers", "99"],
     "flow out is a file": [*FLOW, "--out", "{taken.txt}"],
     "flow zero chunk": [*FLOW, "--out", "{new_out}", "--chunk-size", "0"],
     "flow negative sigma": [*FLOW, "--out", "{new_out}", "--smooth-sigma", "-1"],

@@ -68,10 +68,11 @@ def dequantise(codes: np.ndarray, limits: np.ndarray) -> np.ndarray:
     return lo + codes.astype(np.float64) * (hi - lo) / 255.0
 
 
-def page_size_estimate(steps: int, layers: int, heads: int, cells: int, image_bytes: int = 60_000) -> int:
-    """Bytes of a page: base64 of one byte per cell and 8 bytes of limits per map, the image, ~12 kB of code."""
+def page_size_estimate(steps: int, layers: int, heads: int, cells: int, image_bytes: int = 80_000) -> int:
+    """Bytes of a page: base64 of one byte per cell and 8 bytes of limits per map, `image_bytes` of embedded
+    image (its data URL; a 512 px JPEG photo is typically 40-80 kB), ~20 kB of code, colormap and metadata."""
     maps = steps * layers * heads
-    return int(4 / 3 * (maps * cells + maps * 8 + image_bytes)) + 12_000
+    return int(4 / 3 * (maps * cells + maps * 8)) + image_bytes + 20_000
 
 
 def _b64(array: np.ndarray) -> str:
@@ -125,7 +126,8 @@ def _flow_series(flow: Any) -> dict[str, Any] | None:
 
 def explorer_data(result: ExplainResult, *, localization_heads: Iterable[Sequence[int]] | None = None,
                   scale: str | None = None, flow: Any = None, title: str | None = None,
-                  hallucinated_steps: Iterable[int] = (), image_side: int = 512) -> dict[str, Any]:
+                  hallucinated_steps: Iterable[int] = (), image_side: int = 512,
+                  _image: tuple[str, int, int] | None = None) -> dict[str, Any]:
     """The JSON document embedded in the page (see the module docstring for the layout)."""
     if result.image is None:
         raise InputError("this result has no image: load it with ExplainResult.load(dir, image=...)")
@@ -134,7 +136,7 @@ def explorer_data(result: ExplainResult, *, localization_heads: Iterable[Sequenc
         raise InputError(f"unknown colour scale {scale!r}: use shared or per-map")
     grid = result.grids[0]
     codes, limits = quantise(result.maps)
-    image_url, width, height = _image_data_url(result.image, image_side)
+    image_url, width, height = _image or _image_data_url(result.image, image_side)
     return {
         "format": 1,
         "title": title or f"{result.model_id}: {result.prompt}",
@@ -172,14 +174,17 @@ def build_explorer(result: ExplainResult, *, localization_heads: Iterable[Sequen
     per-layer attention shares are drawn under the map; `hallucinated_steps`: steps whose token is marked
     (wavy underline) as a hallucinated object. Refuses (InputError) a page over `max_bytes`.
     """
+    if result.image is None:
+        raise InputError("this result has no image: load it with ExplainResult.load(dir, image=...)")
     steps, layers, heads, height, width = result.maps.shape
-    estimate = page_size_estimate(steps, layers, heads, height * width)
+    image = _image_data_url(result.image, image_side)
+    estimate = page_size_estimate(steps, layers, heads, height * width, image_bytes=len(image[0]))
     if estimate > max_bytes:
         raise InputError(f"the page would be about {estimate / 2**20:.0f} MiB ({steps} tokens × {layers} layers × "
                          f"{heads} heads × {height * width} cells), over the {max_bytes / 2**20:.0f} MiB budget: "
                          "select fewer layers, heads or steps (--layers/--heads/--steps)")
     data = explorer_data(result, localization_heads=localization_heads, scale=scale, flow=flow, title=title,
-                         hallucinated_steps=hallucinated_steps, image_side=image_side)
+                         hallucinated_steps=hallucinated_steps, image_side=image_side, _image=image)
     # "</" inside a <script> element would end it early; JSON allows the escaped form.
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     template = resources.files("vlmscope.explain").joinpath(TEMPLATE).read_text(encoding="utf-8")
