@@ -61,6 +61,10 @@ GEN = ["generate", *M, "--image", "{image.png}", "--prompt", "describe ."]
 EXPLAIN = ["explain", *M, "--image", "{image.png}", "--prompt", "describe .", "--max-new-tokens", "2"]
 FLOW = ["flow", *M, "--image", "{image.png}", "--prompt", "describe .", "--max-new-tokens", "2"]
 EXPLORE = ["explore", *M, "--image", "{image.png}", "--prompt", "describe .", "--max-new-tokens", "2"]
+LENS = ["lens", *M, "--image", "{image.png}", "--prompt", "describe ."]
+ABLATE = ["ablate", *M, "--image", "{image.png}", "--prompt", "describe .", "--max-new-tokens", "2"]
+PATCH = ["patch", *M, "--image", "{image.png}", "--corrupt-image", "{image.png}", "--prompt", "describe .",
+         "--max-new-tokens", "2"]
 HEADS = ["heads", *M, "--images", "{image.png}", "--prompt", "the dog"]
 CHAIR = ["chair", "--gt-objects", "{gt.json}"]
 POPE = ["pope", "score", "--questions", "{coco_pope_random.jsonl}"]
@@ -100,6 +104,16 @@ CASES = {
     "explore bad localization heads": [*EXPLORE, "--out", "{page.html}", "--localization-heads", "3-1"],
     "explore localization head out of range": [*EXPLORE, "--out", "{page.html}", "--localization-heads", "1:99"],
     "explore layer out of range": [*EXPLORE, "--out", "{page.html}", "--layers", "99"],
+    "lens out is a file": [*LENS, "--out", "{taken.txt}"],
+    "lens out holds foreign files": [*LENS, "--out", "{foreign}"],
+    "lens layer out of range": [*LENS, "--out", "{new_out}", "--layers", "99"],
+    "lens zero top": [*LENS, "--out", "{new_out}", "--top-k", "0"],
+    "lens empty word": [*LENS, "--out", "{new_out}", "--word", " "],
+    "ablate head out of range": [*ABLATE, "--out", "{new_out}", "--heads", "99"],
+    "ablate bad mode": [*ABLATE, "--out", "{new_out}", "--mode", "resample"],
+    "ablate empty answer": [*ABLATE, "--out", "{new_out}", "--answer", " "],
+    "patch missing corrupt image": [*PATCH[:6], "{missing.png}", *PATCH[7:], "--out", "{new_out}"],
+    "patch bad positions": [*PATCH, "--out", "{new_out}", "--positions", "all"],
     "flow out is a file": [*FLOW, "--out", "{taken.txt}"],
     "flow zero chunk": [*FLOW, "--out", "{new_out}", "--chunk-size", "0"],
     "flow negative sigma": [*FLOW, "--out", "{new_out}", "--smooth-sigma", "-1"],

@@ -10,7 +10,8 @@ removed on exit, also on error:
 - **head ablation** (`ablate_heads`): one head's output (its slice of the input of the attention output
   projection `o_proj`) replaced by zero or by its mean over the positions of this input, at every position;
   the effect is the change of the answer's log-probability Σ log p(answer token | prefix); heads ranked by
-  effect (largest drop first). Zero ablation equals zeroing the head's columns of `o_proj.weight`.
+  effect (largest drop first). Zero ablation equals zeroing the head's columns of `o_proj.weight`; the mean
+  is taken over the positions of the unablated run (fixed, whichever heads are ablated together).
 - **activation patching** (`patch_activations`): the residual stream *entering* a decoder layer, at the image
   tokens (all at once, or one grid token at a time), copied from the run on the clean image into the run on
   a corrupted image; restoration = (lp_patched − lp_corrupt) / (lp_clean − lp_corrupt) of the clean answer's
@@ -262,31 +263,55 @@ def _o_proj(layer: torch.nn.Module) -> torch.nn.Linear:
 
 
 @contextlib.contextmanager
-def ablated(vlm: Any, heads: Sequence[Sequence[int]], mode: str = "zero") -> Iterator[None]:
-    """Within the block, each (layer, head) of `heads` is ablated in every forward (hooks undone on exit)."""
+def ablated(vlm: Any, heads: Sequence[Sequence[int]], mode: str = "zero",
+            means: dict[int, torch.Tensor] | None = None) -> Iterator[None]:
+    """Within the block, each (layer, head) of `heads` is ablated in every forward (hooks undone on exit).
+
+    Mean ablation needs `means` (`head_means`): per layer the o_proj input averaged over the positions of the
+    unablated run, so a head's replacement does not depend on which other heads are ablated with it."""
     if mode not in ABLATION_MODES:
         raise InputError(f"unknown ablation mode {mode!r}: use {', '.join(ABLATION_MODES)}")
     adapter = vlm.adapter
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
         by_layer.setdefault(adapter.check_layer(int(layer)), []).append(adapter.check_head(int(head)))
+    if mode == "mean" and (means is None or not set(by_layer) <= set(means)):
+        raise InputError("mean ablation needs the heads' means of the unablated run: use head_means(...)")
     layers = adapter.decoder_layers()
 
-    def pre_hook(head_ids: list[int]) -> Any:
+    def pre_hook(layer: int, head_ids: list[int]) -> Any:
         def hook(module: torch.nn.Module, args: tuple) -> tuple:
-            x = args[0]
+            x = args[0].clone()
             size = x.shape[-1] // adapter.num_heads
-            x = x.clone()
             for h in head_ids:
                 part = x[..., h * size:(h + 1) * size]
-                # Mean ablation: the head's average output over this input's positions, at every position.
-                part.copy_(torch.zeros_like(part) if mode == "zero" else part.mean(dim=-2, keepdim=True))
+                if mode == "zero":
+                    part.zero_()
+                else:
+                    part.copy_(means[layer][h * size:(h + 1) * size].to(x.dtype).expand_as(part))
             return (x, *args[1:])
         return hook
 
-    handles = [_o_proj(layers[layer]).register_forward_pre_hook(pre_hook(ids)) for layer, ids in by_layer.items()]
+    handles = [_o_proj(layers[layer]).register_forward_pre_hook(pre_hook(layer, ids))
+               for layer, ids in by_layer.items()]
     with _hooks(handles):
         yield
+
+
+def head_means(vlm: Any, inputs: FlowInputs, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Per layer, the input of o_proj (all heads' outputs) averaged over the positions of one unablated forward."""
+    kept: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            kept[layer] = args[0][0].detach().mean(dim=0)
+        return hook
+
+    decoder_layers = vlm.adapter.decoder_layers()
+    handles = [_o_proj(decoder_layers[layer]).register_forward_pre_hook(keep(layer)) for layer in set(layers)]
+    with _hooks(handles):
+        answer_logprob(vlm, inputs)
+    return kept
 
 
 def parse_heads(heads: Any, layers: Any, adapter: Any) -> list[list[int]]:
@@ -310,13 +335,14 @@ def ablate_heads(vlm: Any, image: Any, prompt: str, *, answer: str | None = None
         raise InputError("no heads to ablate")
     inputs, answer_text = _teacher_forced(vlm, image, prompt, answer, max_new_tokens)
     base = answer_logprob(vlm, inputs)
+    means = head_means(vlm, inputs, [layer for layer, _ in pairs]) if mode == "mean" else None
     effects = []
     for pair in pairs:
-        with ablated(vlm, [pair], mode):
+        with ablated(vlm, [pair], mode, means):
             effects.append(answer_logprob(vlm, inputs) - base)
     joint_effect = None
     if joint and len(pairs) > 1:
-        with ablated(vlm, pairs, mode):
+        with ablated(vlm, pairs, mode, means):
             joint_effect = answer_logprob(vlm, inputs) - base
     ranking = [int(i) for i in np.argsort(np.asarray(effects), kind="stable")]
     params = {"mode": mode, "heads": pairs, "joint": joint, "max_new_tokens": max_new_tokens,
