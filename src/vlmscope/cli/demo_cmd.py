@@ -23,7 +23,7 @@ DEMO_METHODS = [
 ]
 HEADS_SHOWN = 3  # localization heads drawn per scene
 # What a demo writes into --out; a re-run replaces exactly these and refuses a folder holding anything else.
-OWNED = ("report.html", "report.json", "scene*.png", "heads", "explain", "flow")
+OWNED = ("report.html", "report.json", "scene*.png", "heads", "explain", "flow", "explorer.html")
 
 
 def _owned(name: str) -> bool:
@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     progress("localization heads")
     heads = _localization_heads(vlm, images, scenes, world, out, progress)
     progress("attention maps and information flow")
-    figures = _explain_figures(vlm, images[0], world, heads, out)
+    truth = {cat for cat, _, _ in world["objects"](scenes[0])} if world.get("objects") else None
+    figures = _explain_figures(vlm, images[0], world, heads, out, truth)
     report = {"model": model_name, "note": note, "prompt": prompt, "truths": truths, "captions": captions,
               "metrics": metrics, "heads": heads, "figures": figures,
               "seconds": round(progress.elapsed(), 1)}
@@ -200,20 +201,43 @@ def _is_object_word(token: str) -> bool:
     return word_to_category(token.strip()) is not None
 
 
-def _explain_figures(vlm: Any, image: Any, world: dict[str, Any], heads: dict[str, Any], out: Path) -> list[str]:
+def _explain_figures(vlm: Any, image: Any, world: dict[str, Any], heads: dict[str, Any], out: Path,
+                     truth: set[str] | None = None) -> list[str]:
+    from vlmscope.explain.explorer import save_explorer
     from vlmscope.explain.flow import flow
     from vlmscope.explain.maps import explain
 
     figures: list[str] = []
     ranked = heads.get("ranking") or []
     layer = ranked[0][0] if ranked else world.get("explain_layer", vlm.adapter.num_layers // 2)
-    result = explain(vlm, image, world["prompt"], layers=[layer], max_new_tokens=world["max_new_tokens"])
-    result.save(out / "explain", reduce="layers,heads")
+    # The explorer page gets every layer of the top heads (so "localization heads" is offered), all heads.
+    layers = sorted({layer, *(int(lay) for lay, _ in ranked)})
+    result = explain(vlm, image, world["prompt"], layers=layers, max_new_tokens=world["max_new_tokens"])
+    single = restrict_to_layer(result, layer)
+    single.save(out / "explain", reduce="layers,heads")
     figures += sorted(str(p.relative_to(out)) for p in (out / "explain").glob("steps*.png"))
     flow_result = flow(vlm, image, world["prompt"])
     flow_result.save(out / "flow")
     figures += sorted(str(p.relative_to(out)) for p in (out / "flow").glob("*.png"))
+    hallucinated = [s for s, token in zip(result.steps, result.tokens)
+                    if truth is not None and _object_category(token) not in (None, *truth)]
+    save_explorer(result, out / "explorer.html", localization_heads=[tuple(p) for p in ranked], flow=flow_result,
+                  hallucinated_steps=hallucinated, title=f"vlmscope demo: {world['prompt']}")
     return figures
+
+
+def restrict_to_layer(result: Any, layer: int) -> Any:
+    """The same result restricted to one captured layer (the demo's static figures show one layer)."""
+    from dataclasses import replace
+
+    li = result.layers.index(layer)
+    return replace(result, grid_maps={k: v[:, li:li + 1] for k, v in result.grid_maps.items()}, layers=[layer])
+
+
+def _object_category(token: str) -> str | None:
+    from vlmscope.shapes.vocab import word_to_category
+
+    return word_to_category(token.strip())
 
 
 def _metric_cell(value: Any) -> str:
@@ -258,4 +282,6 @@ table{{border-collapse:collapse}} figure{{display:inline-block}}</style>
 <h1>vlmscope demo — {esc(report['model'])}</h1><p>{esc(report['note'])}</p>
 <p>Prompt: <code>{esc(report['prompt'])}</code> · {report['seconds']} s on CPU</p>
 <h2>Captions</h2><table><tr><th>image</th>{head}</tr>{''.join(rows)}</table>{metric_rows}{head_html}
-<h2>Attention and information flow</h2>{figs}"""
+<h2>Attention and information flow</h2>
+<p><a href='explorer.html'>Open the attention explorer</a>: click a generated word to see where the model looked,
+per layer and head (hallucinated objects underlined).</p>{figs}"""
