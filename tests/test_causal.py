@@ -216,3 +216,23 @@ def test_cli_lens_ablate_patch(tmp_path, capsys) -> None:
     saved = vlmscope.load_result(tmp_path / "p")
     assert isinstance(saved, PatchResult)
     assert patch["layer_restoration"] == pytest.approx(saved.layer_restoration.tolist())
+
+
+# --- other families -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llava-next", "qwen2-vl"])
+def test_causal_tools_on_other_families(tiny_vlm, arch) -> None:
+    vlm, image = tiny_vlm(arch), picture(4)
+    last = vlm.adapter.num_layers - 1
+    lens = logit_lens(vlm, image, PROMPT, layers=[last], top_k=2)
+    inputs = build_inputs(vlm, vlm.encode([image], [PROMPT]), [])
+    probs = torch.softmax(stock_forward(vlm, inputs).logits[0, grid_positions(inputs)].double(), -1)
+    np.testing.assert_allclose(lens.top_probs[0].reshape(-1, 2), probs.topk(2, dim=-1).values.numpy(), rtol=1e-5)
+
+    result = ablate_heads(vlm, image, PROMPT, heads=[(1, 1)], max_new_tokens=3)
+    inputs = build_inputs(vlm, vlm.encode([image], [PROMPT]), result.answer_ids)
+    base = logprob_of(stock_forward(vlm, inputs).logits[0], inputs)
+    edited = _weight_edited_logprob(vlm, inputs, [(1, 1)], "zero", inputs)
+    assert result.effects[0] == pytest.approx(edited - base, abs=1e-4)
+
+    patch = patch_activations(vlm, image, picture(5), PROMPT, layers="0", max_new_tokens=3)
+    assert patch.layer_restoration[0] == pytest.approx(1.0, abs=1e-6)

@@ -161,3 +161,23 @@ def test_keyboard_steps_tokens_layers_and_heads(page, result) -> None:
     page.keyboard.press("ArrowLeft")
     assert page.get_attribute("#heat", "data-step") == "1"
     assert_shown(page, result, 1, 1, 1)
+
+
+def test_flow_curves_and_hallucinated_marks(browser, result, tmp_path) -> None:
+    from types import SimpleNamespace
+
+    shares = {"image": [0.5, 0.4, 0.2, 0.1], "instruction": [0.3, 0.3, 0.5, 0.6]}
+    flow = SimpleNamespace(layers=[0, 1, 2, 3], attention_shares=shares)
+    path = tmp_path / "flow.html"
+    save_explorer(result, path, flow=flow, hallucinated_steps=[1, 3])
+    tab = browser.new_page()
+    tab.goto(path.as_uri())
+    assert tab.locator("#flow svg polyline").count() == 2
+    assert tab.locator("#flow svg text[fill]").all_text_contents() == ["image", "instruction"]
+    # The first curve falls, the second rises: y of the points (SVG y grows downwards).
+    points = tab.get_attribute("#flow svg polyline >> nth=0", "points").split()
+    ys = [float(p.split(",")[1]) for p in points]
+    assert ys == sorted(ys) and len(ys) == 4
+    marked = tab.locator(".tok.hallucinated")
+    assert [marked.nth(i).get_attribute("data-step") for i in range(marked.count())] == ["1", "3"]
+    tab.close()
