@@ -120,6 +120,9 @@ CASES = {
     "flow bad layers": [*FLOW, "--out", "{new_out}", "--layers", "a-b"],
     "heads empty folder": ["heads", *M, "--images", "{empty_dir}", "--prompt", "x"],
     "heads zero top": [*HEADS, "--top", "0"],
+    "heads missing coco annotations": [*HEADS, "--coco-annotations", "{missing_dir}"],
+    "heads coco annotations without instances": [*HEADS, "--coco-annotations", "{empty_dir}"],
+    "heads coco prompt without word": [*HEADS, "--coco-annotations", "{gt.json}", "--coco-prompt", "where?"],
     "heads out is a file": [*HEADS, "--out", "{caps.jsonl}"],
     # chair / pope scoring
     "chair no captions": CHAIR,
