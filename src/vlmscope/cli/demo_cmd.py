@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if world.get("evaluate") is not None:
         progress(f"CHAIR and POPE on {args.n} scenes per method")
         # Warm-up run, discarded: the first method's seconds must not pay for lazy loading and first calls.
-        world["evaluate"](vlm, 1, args.seed + 1, "greedy", [])
+        world["evaluate"](vlm, 4, args.seed + 1, "greedy", [])  # POPE needs a pool of a few scenes
         for name, decoding, interventions in methods:
             metrics[name] = world["evaluate"](vlm, args.n, args.seed + 1, decoding, interventions)
             m = metrics[name]
@@ -318,8 +318,9 @@ def _html(report: dict[str, Any], n_images: int) -> str:
         cells = "".join(f"<td>{_marked_caption(caps[i], truth_objects)}</td>" for caps in report["captions"].values())
         rows.append(f"<tr><td><img src='scene{i}.png' width='128'>{truth}</td>{cells}</tr>")
     specs = report.get("methods") or {}
-    head = "".join(f"<th>{esc(n)}<br><small><code>{esc(specs.get(n, ''))}</code></small></th>"
-                   for n in report["captions"])
+    head = "".join(f"<th>{esc(n)}</th>" for n in report["captions"])
+    # Every parameter of every method, as the registry spells it (long: a list, not the table headers).
+    method_list = "".join(f"<li><b>{esc(n)}</b>: <code>{esc(spec)}</code></li>" for n, spec in specs.items())
     metric_rows = ""
     if report["metrics"]:
         keys = [k for k in ("object_recall", "CHAIR_S", "CHAIR_I", "pope_accuracy", "pope_f1", "pope_yes_ratio",
@@ -349,9 +350,10 @@ def _html(report: dict[str, Any], n_images: int) -> str:
     return f"""<!doctype html><meta charset="utf-8"><title>vlmscope demo</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
 table{{border-collapse:collapse}} figure{{display:inline-block}} figure img{{max-width:100%}}
-mark{{background:#f6c6c0}}</style>
+mark{{background:#f6c6c0}} .specs code{{word-break:break-all}} td{{min-width:9em}}</style>
 <h1>vlmscope demo — {esc(report['model'])}</h1><p>{esc(report['note'])}</p>
 <p>Prompt: <code>{esc(report['prompt'])}</code> · {report['seconds']} s on CPU</p>
+<h2>Methods</h2><ul class='specs'>{method_list}</ul>
 <h2>Captions</h2><p>The {n_images} scenes (of {report.get('scene_candidates', n_images)} candidates) where the
 methods' captions differ most; objects not in the scene are <mark>marked</mark>.</p><table><tr><th>image</th>{head}</tr>{''.join(rows)}</table>{metric_rows}{head_html}
 <h2>Attention and information flow</h2>
