@@ -177,3 +177,37 @@ def test_cli_explore_and_explain_html(image_file: Path, tmp_path: Path, capsys) 
     first, second = embedded(html_page.read_text()), embedded(rebuilt.read_text())
     assert first["maps"] == second["maps"] == data["maps"]  # greedy is deterministic: the same maps thrice
     assert first["tokens"] == second["tokens"] == data["tokens"]
+
+
+def test_explain_answer_equals_generation_time_capture(tiny_llava, result: ExplainResult) -> None:
+    from vlmscope.explain.explorer import explain_answer
+
+    forced = explain_answer(tiny_llava, result.image, PROMPT, result.token_ids, decoding="greedy")
+    assert forced.tokens == result.tokens and forced.text == result.text
+    np.testing.assert_allclose(forced.maps, result.maps, rtol=1e-4, atol=1e-6)
+
+
+def test_compare_panel_and_cli(tiny_llava, result: ExplainResult, image_file: Path, tmp_path: Path,
+                               capsys) -> None:
+    from dataclasses import replace
+
+    other = replace(result, tokens=["x", "y"], steps=[0, 1], text="x y",
+                    grid_maps={"image": result.maps[:2] * 0.5})
+    data = embedded(build_explorer(result, compare=other, labels=("greedy", "beam"),
+                                   compare_hallucinated_steps=[1]))
+    assert data["compare"]["label"] == "beam" and data["compare"]["tokens"] == ["x", "y"]
+    assert data["compare"]["hallucinated"] == [1]
+    second = decode_maps({**data, "steps": [0, 1], "maps": data["compare"]["maps"],
+                          "limits": data["compare"]["limits"]})
+    np.testing.assert_allclose(second, result.maps[:2] * 0.5, atol=float(result.maps.max()) / 500)
+    with pytest.raises(InputError, match="same layers and heads"):
+        build_explorer(result, compare=replace(other, layers=[0], grid_maps={"image": other.maps[:, :1]}))
+
+    page = tmp_path / "cmp.html"
+    assert cli_main(["explore", "--model", "tiny-llava", "--image", str(image_file), "--prompt", PROMPT,
+                     "--max-new-tokens", "3", "--compare", "beam:num_beams=2", "--out", str(page), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    beam = tiny_llava.generate(image_file, PROMPT, max_new_tokens=3, decoding="beam:num_beams=2")
+    assert summary["compare"]["text"] == beam.text
+    data = embedded(page.read_text())
+    assert data["compare"]["label"].startswith("beam:num_beams=2,") and data["compare"]["text"] == beam.text

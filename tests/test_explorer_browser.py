@@ -181,3 +181,48 @@ def test_flow_curves_and_hallucinated_marks(browser, result, tmp_path) -> None:
     marked = tab.locator(".tok.hallucinated")
     assert [marked.nth(i).get_attribute("data-step") for i in range(marked.count())] == ["1", "3"]
     tab.close()
+
+
+def test_two_decodings_side_by_side_share_the_scale(browser, result, tmp_path) -> None:
+    from dataclasses import replace
+
+    other = replace(result, tokens=["x", "y", "z"], steps=[0, 1, 2], text="x y z",
+                    grid_maps={"image": result.maps[:3][::-1] * 0.5})
+    path = tmp_path / "compare.html"
+    save_explorer(result, path, compare=other, labels=("greedy", "opera"), compare_hallucinated_steps=[2])
+    tab = browser.new_page(viewport={"width": 1300, "height": 800})
+    errors: list[str] = []
+    tab.on("pageerror", lambda err: errors.append(str(err)))
+    tab.goto(path.as_uri())
+    assert tab.locator(".panel h2").all_text_contents() == ["greedy", "opera"]
+    tab.click("#tokens-1 .tok >> nth=1")
+    tab.select_option("#layer", label="layer 2")
+    tab.select_option("#head", label="head 1")
+    assert tab.get_attribute("#heat-1", "data-step") == "1"
+    # Shared scale: one range over every token of both decodings.
+    pool = [expected_map(r, s, 2, 1) for r in (result, other) for s in r.steps]
+    lo, hi = min(0.0, min(m.min() for m in pool)), max(m.max() for m in pool)
+
+    def levels_of(canvas: str) -> np.ndarray:
+        width, height, pixels = tab.evaluate(f"""() => {{
+            const c = document.getElementById('{canvas}');
+            return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)];
+        }}""")
+        alpha = np.asarray(pixels, dtype=np.float64).reshape(height, width, 4)[..., 3]
+        return (alpha - ALPHA_FLOOR) * 255 / (255 - ALPHA_FLOOR)
+
+    want_other = np.round((expected_map(other, 1, 2, 1) - lo) / (hi - lo) * 255)
+    want_main = np.round((expected_map(result, 0, 2, 1) - lo) / (hi - lo) * 255)
+    assert np.abs(levels_of("heat-1") - want_other).max() <= LEVEL_TOLERANCE
+    assert np.abs(levels_of("heat") - want_main).max() <= LEVEL_TOLERANCE
+    assert want_other.max() - want_other.min() > 10
+    # Arrows step the panel clicked last; the hallucinated word of the second answer is marked.
+    tab.keyboard.press("ArrowRight")
+    assert tab.get_attribute("#heat-1", "data-step") == "2"
+    assert tab.get_attribute("#heat", "data-step") == "0"
+    assert tab.locator("#tokens-1 .tok.hallucinated").all_text_contents() == ["z"]
+    tab.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+    if os.environ.get("VLMSCOPE_SCREENSHOT_DIR"):
+        shutil.copy(tmp_path / "compare.png", Path(os.environ["VLMSCOPE_SCREENSHOT_DIR"]) / "explorer_compare.png")
+    tab.close()
+    assert errors == [], errors

@@ -33,17 +33,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--heads", default="all", help="all, 13,24 or 0-7")
     p.add_argument("--scale", default="shared", choices=["shared", "per-map"],
                    help="initial colour scale: shared across tokens or per map (switchable on the page)")
+    p.add_argument("--compare", default=None, metavar="DECODING",
+                   help="also show another decoding's answer side by side, e.g. opera:num_beams=5 or beam "
+                   "(its attention from a teacher-forced pass: decodings that do not edit attention)")
     add_page_args(p)
     p.add_argument("--out", required=True, help="the HTML file to write, e.g. page.html")
     add_json_arg(p, "print a JSON summary (page path, bytes, map shape) on stdout")
     p.set_defaults(func=run)
 
 
-def write_page(result: object, args: argparse.Namespace, out: object) -> dict:
+def write_page(result: object, args: argparse.Namespace, out: object, **kwargs: object) -> dict:
     from vlmscope.explain.explorer import parse_head_pairs, save_explorer
 
     return save_explorer(result, out, localization_heads=parse_head_pairs(args.localization_heads),
-                         scale=getattr(args, "scale", None), max_bytes=args.max_page_mb * 2**20)
+                         scale=getattr(args, "scale", None), max_bytes=args.max_page_mb * 2**20, **kwargs)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +63,13 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None and not args.prompt:
         raise InputError("--model needs --prompt (the question or instruction)")
     out = check_page_path(args.out)
+    compare_method = None
+    if args.compare is not None:
+        from vlmscope.decoding import DECODINGS
+
+        if args.model is None:
+            raise InputError("--compare generates another answer: it needs --model (not --result)")
+        compare_method = DECODINGS.from_config(args.compare)
     heads_wanted = parse_head_pairs(args.localization_heads)
     image = load_image(args.image)
     if args.result is not None:
@@ -76,13 +86,26 @@ def run(args: argparse.Namespace) -> int:
             vlm.adapter.check_head(head)
         result = explain(vlm, image, args.prompt, steps=args.steps, layers=layers or "all",
                          heads=heads or "all", scale=args.scale, max_new_tokens=args.max_new_tokens)
-    written = write_page(result, args, out)
+    extra: dict = {}
+    if compare_method is not None:
+        from vlmscope.explain.explorer import explain_answer
+        from vlmscope.registry import spec_string
+
+        other = vlm.generate(image, args.prompt, max_new_tokens=args.max_new_tokens, decoding=compare_method)
+        label = spec_string(compare_method)
+        extra = {"compare": explain_answer(vlm, image, args.prompt, other.token_ids, layers=result.layers,
+                                           heads=result.heads, decoding=label),
+                 "labels": ("greedy", label)}
+    written = write_page(result, args, out, **extra)
     text = human_stream(args)
     print(f"generated: {result.text!r}", file=text)
+    if extra:
+        print(f"compared with {extra['labels'][1]}: {extra['compare'].text!r}", file=text)
     print(f"explorer page {written['path']}: {written['bytes'] / 2**20:.2f} MiB, maps {list(result.maps.shape)} "
           "(steps, layers, heads, grid_h, grid_w)", file=text)
     text.flush()
     if args.json:
         emit_json({"text": result.text, "page": written["path"], "bytes": written["bytes"],
-                   "maps_shape": list(result.maps.shape)})
+                   "maps_shape": list(result.maps.shape),
+                   "compare": {"decoding": extra["labels"][1], "text": extra["compare"].text} if extra else None})
     return 0

@@ -124,9 +124,28 @@ def _flow_series(flow: Any) -> dict[str, Any] | None:
             "title": "attention share of the answer tokens per layer"}
 
 
+def _panel(result: ExplainResult, label: str | None, hallucinated_steps: Iterable[int]) -> dict[str, Any]:
+    """One decoding's part of the page: its answer, tokens and quantised maps."""
+    codes, limits = quantise(result.maps)
+    decoding = result.params.get("decoding", "greedy")
+    return {"label": label or str(decoding), "decoding": decoding, "text": result.text,
+            "tokens": list(result.tokens), "steps": list(result.steps), "maps": _b64(codes),
+            "limits": _b64(limits.astype("<f4")), "hallucinated": [int(s) for s in hallucinated_steps]}
+
+
+def _check_comparable(result: ExplainResult, other: ExplainResult) -> None:
+    if other.layers != result.layers or other.heads != result.heads:
+        raise InputError(f"the compared result has layers {other.layers} and heads {other.heads}, the first "
+                         f"{result.layers} and {result.heads}: capture the same layers and heads")
+    if other.maps.shape[3:] != result.maps.shape[3:]:
+        raise InputError("the compared result has another image grid: compare answers on the same image")
+
+
 def explorer_data(result: ExplainResult, *, localization_heads: Iterable[Sequence[int]] | None = None,
                   scale: str | None = None, flow: Any = None, title: str | None = None,
                   hallucinated_steps: Iterable[int] = (), image_side: int = 512,
+                  compare: ExplainResult | None = None, labels: Sequence[str | None] = (None, None),
+                  compare_hallucinated_steps: Iterable[int] = (),
                   _image: tuple[str, int, int] | None = None) -> dict[str, Any]:
     """The JSON document embedded in the page (see the module docstring for the layout)."""
     if result.image is None:
@@ -135,30 +154,27 @@ def explorer_data(result: ExplainResult, *, localization_heads: Iterable[Sequenc
     if scale not in ("shared", "per-map"):
         raise InputError(f"unknown colour scale {scale!r}: use shared or per-map")
     grid = result.grids[0]
-    codes, limits = quantise(result.maps)
+    if compare is not None:
+        _check_comparable(result, compare)
     image_url, width, height = _image or _image_data_url(result.image, image_side)
+    main = _panel(result, labels[0], hallucinated_steps)
     return {
         "format": 1,
         "title": title or f"{result.model_id}: {result.prompt}",
         "model": result.model_id,
         "prompt": result.prompt,
-        "text": result.text,
-        "tokens": list(result.tokens),
-        "steps": list(result.steps),
+        **main,
+        "compare": _panel(compare, labels[1], compare_hallucinated_steps) if compare is not None else None,
         "layers": list(result.layers),
         "heads": list(result.heads),
         "grid": {"name": grid.name, "height": grid.height, "width": grid.width, "region": list(grid.region),
                  "other_grids": [g.name for g in result.grids[1:]]},
         "image": {"src": image_url, "width": width, "height": height},
-        "maps": _b64(codes),
-        "limits": _b64(limits.astype("<f4")),
         "localization_heads": _localization_pairs(result, localization_heads),
         "scale": scale,
         "colormap": {"name": "viridis", "lut": colormap_lut("viridis"), "alpha_floor": ALPHA_FLOOR},
         "value_label": "attention weight (softmax share of the token's query)",
         "flow": _flow_series(flow),
-        "hallucinated": [int(s) for s in hallucinated_steps],
-        "decoding": result.params.get("decoding", "greedy"),
         "provenance": json_safe(result.provenance),
     }
 
@@ -166,25 +182,32 @@ def explorer_data(result: ExplainResult, *, localization_heads: Iterable[Sequenc
 def build_explorer(result: ExplainResult, *, localization_heads: Iterable[Sequence[int]] | None = None,
                    scale: str | None = None, flow: Any = None, title: str | None = None,
                    hallucinated_steps: Iterable[int] = (), image_side: int = 512,
-                   max_bytes: int = DEFAULT_MAX_BYTES) -> str:
+                   compare: ExplainResult | None = None, labels: Sequence[str | None] = (None, None),
+                   compare_hallucinated_steps: Iterable[int] = (), max_bytes: int = DEFAULT_MAX_BYTES) -> str:
     """The explorer page of `result` as one HTML string (every byte embedded: image, maps, code).
 
     `localization_heads`: (layer, head) pairs offered as the "localization heads" reduction (e.g. the top of
     a `HeadRanking`); `scale`: "shared" or "per-map" (default: the result's); `flow`: a `FlowResult` whose
     per-layer attention shares are drawn under the map; `hallucinated_steps`: steps whose token is marked
-    (wavy underline) as a hallucinated object. Refuses (InputError) a page over `max_bytes`.
+    (wavy underline) as a hallucinated object; `compare`: a second result on the same image, layers and heads
+    (another decoding's answer, e.g. `explain_answer` of OPERA's) shown side by side with the same pickers and
+    colour scale, `labels` naming the two. Refuses (InputError) a page over `max_bytes`.
     """
     if result.image is None:
         raise InputError("this result has no image: load it with ExplainResult.load(dir, image=...)")
     steps, layers, heads, height, width = result.maps.shape
     image = _image_data_url(result.image, image_side)
     estimate = page_size_estimate(steps, layers, heads, height * width, image_bytes=len(image[0]))
+    if compare is not None:
+        _check_comparable(result, compare)
+        estimate += page_size_estimate(compare.maps.shape[0], layers, heads, height * width, 0) - 20_000
     if estimate > max_bytes:
         raise InputError(f"the page would be about {estimate / 2**20:.0f} MiB ({steps} tokens × {layers} layers × "
                          f"{heads} heads × {height * width} cells), over the {max_bytes / 2**20:.0f} MiB budget: "
                          "select fewer layers, heads or steps (--layers/--heads/--steps)")
     data = explorer_data(result, localization_heads=localization_heads, scale=scale, flow=flow, title=title,
-                         hallucinated_steps=hallucinated_steps, image_side=image_side, _image=image)
+                         hallucinated_steps=hallucinated_steps, image_side=image_side, compare=compare,
+                         labels=labels, compare_hallucinated_steps=compare_hallucinated_steps, _image=image)
     # "</" inside a <script> element would end it early; JSON allows the escaped form.
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     template = resources.files("vlmscope.explain").joinpath(TEMPLATE).read_text(encoding="utf-8")
@@ -228,3 +251,54 @@ def expected_map(result: ExplainResult, step: int, layer: str | int = "mean", he
     ops = {"mean": np.mean, "max": np.max}
     by_head = ops[head](maps, axis=1) if isinstance(head, str) else maps[:, result.heads.index(head)]
     return ops[layer](by_head, axis=0) if isinstance(layer, str) else by_head[result.layers.index(layer)]
+
+
+def explain_answer(vlm: Any, image: Any, prompt: str, answer_ids: Sequence[int], *, layers: Any = "all",
+                   heads: Any = "all", decoding: str = "given") -> ExplainResult:
+    """What each token of a given answer attended to in the image, from one teacher-forced prefill.
+
+    For a decoding that does not edit attention (greedy, beam search, OPERA: they choose tokens, the forward
+    is stock), this equals the attention at generation time: the query that produced answer token k is
+    position P − 1 + k of prompt + answer, and causal attention does not see later tokens. `decoding` is the
+    label (spec) recorded for the answer. Interventions that edit attention (PAI, AAI, ...) are not covered.
+    """
+    import torch
+
+    from vlmscope.attention.engine import AttentionPlan, Capture, decoder_attention_modules
+    from vlmscope.decoding.session import GenerationRun
+    from vlmscope.explain.flow import build_inputs
+    from vlmscope.explain.select import check_range, parse_indices
+    from vlmscope.images import load_image
+    from vlmscope.results import run_provenance
+
+    start = time.perf_counter()
+    adapter = vlm.adapter
+    if not answer_ids:
+        raise InputError("empty answer: nothing to explain")
+    layer_ids = check_range(parse_indices(layers, "layer"), adapter.num_layers, "layer")
+    head_ids = check_range(parse_indices(heads, "head"), adapter.num_heads, "head")
+    pil = load_image(image)
+    batch = vlm.encode([pil], [prompt])
+    grids = adapter.image_grids(batch, 0)
+    inputs = build_inputs(vlm, batch, list(answer_ids))
+    plan = AttentionPlan(decoder_attention_modules(vlm.model))
+    captures = [plan.add_capture(layer, Capture(heads=head_ids, rows="all", columns="image", to_cpu=True))
+                for layer in layer_ids]
+    with torch.no_grad(), GenerationRun(vlm.model, adapter, inputs.batch, (), capture_plan=plan) as run:
+        run.prefill()
+    rows = np.arange(len(answer_ids)) + inputs.prompt_len - 1
+    # record [1, heads, T, image] → [steps, layers, heads, image]
+    raw = np.stack([c.records[0][0][:, rows].float().numpy().transpose(1, 0, 2) for c in captures], axis=1)
+    grid_maps = {grid.name: np.ascontiguousarray(grid.take(raw), dtype=np.float32) for grid in grids}
+    tokenizer = adapter.tokenizer
+    steps = list(range(len(answer_ids)))
+    total = time.perf_counter() - start
+    return ExplainResult(
+        grid_maps=grid_maps, grids=grids, steps=steps, layers=layer_ids, heads=head_ids,
+        tokens=[tokenizer.decode([t]) for t in answer_ids],
+        text=tokenizer.decode(list(answer_ids), skip_special_tokens=True).strip(), token_ids=list(answer_ids),
+        prompt_ids=batch.input_ids[0].tolist(), prompt=prompt, model_id=vlm.model_id, image=pil,
+        params={"steps": "all", "layers": layer_ids, "heads": head_ids, "decoding": decoding,
+                "teacher_forced": True, "scale": "shared"},
+        runtime={"total_seconds": total}, provenance=run_provenance(vlm, wall_seconds=total, answer_from=decoding))
+
