@@ -33,6 +33,7 @@ def test_demo_writes_the_explorer_page(tmp_path):
     assert {layer for layer, _ in ranked} <= set(data["layers"])
     assert len(data["localization_heads"]) == len(ranked)
     assert data["flow"] is not None and data["flow"]["layers"]
+    assert data["compare"]["label"] == "opera:num_beams=3" and data["compare"]["tokens"]
     # Method parameters are the full registry specs; figure captions are words, not file names.
     assert report["methods"]["beam"].startswith("beam:num_beams=3,")
     html_report = (out / "report.html").read_text()

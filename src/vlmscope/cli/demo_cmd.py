@@ -240,10 +240,23 @@ def _explain_figures(vlm: Any, image: Any, world: dict[str, Any], heads: dict[st
     flow_result = flow(vlm, image, world["prompt"])
     flow_result.save(out / "flow")
     figures += sorted(str(p.relative_to(out)) for p in (out / "flow").glob("*.png"))
-    hallucinated = [s for s, token in zip(result.steps, result.tokens)
-                    if truth is not None and _object_category(token) not in (None, *truth)]
+    def hallucinated(res: Any) -> list[int]:
+        return [s for s, token in zip(res.steps, res.tokens)
+                if truth is not None and _object_category(token) not in (None, *truth)]
+
+    # Greedy beside OPERA (when registered): OPERA only re-ranks beams, so its answer's maps come from one
+    # teacher-forced pass (explain_answer).
+    compare: dict[str, Any] = {}
+    opera = next((d for n, d, iv in DEMO_METHODS if n == "opera" and not iv and _available(d, iv)), None)
+    if opera is not None:
+        from vlmscope.explain.explorer import explain_answer
+
+        other = vlm.generate(image, world["prompt"], max_new_tokens=world["max_new_tokens"], decoding=opera)
+        answer = explain_answer(vlm, image, world["prompt"], other.token_ids, layers=layers, decoding=opera)
+        compare = {"compare": answer, "labels": ("greedy", opera),
+                   "compare_hallucinated_steps": hallucinated(answer)}
     save_explorer(result, out / "explorer.html", localization_heads=[tuple(p) for p in ranked], flow=flow_result,
-                  hallucinated_steps=hallucinated, title=f"vlmscope demo: {world['prompt']}")
+                  hallucinated_steps=hallucinated(result), title=f"vlmscope demo: {world['prompt']}", **compare)
     return figures
 
 
