@@ -60,6 +60,11 @@ M = ["--model", "tiny-llava"]
 GEN = ["generate", *M, "--image", "{image.png}", "--prompt", "describe ."]
 EXPLAIN = ["explain", *M, "--image", "{image.png}", "--prompt", "describe .", "--max-new-tokens", "2"]
 FLOW = ["flow", *M, "--image", "{image.png}", "--prompt", "describe .", "--max-new-tokens", "2"]
+EXPLORE = ["explore", *M, "--image", "{image.png}", "--prompt", "describe .", "--max-new-tokens", "2"]
+LENS = ["lens", *M, "--image", "{image.png}", "--prompt", "describe ."]
+ABLATE = ["ablate", *M, "--image", "{image.png}", "--prompt", "describe .", "--max-new-tokens", "2"]
+PATCH = ["patch", *M, "--image", "{image.png}", "--corrupt-image", "{image.png}", "--prompt", "describe .",
+         "--max-new-tokens", "2"]
 HEADS = ["heads", *M, "--images", "{image.png}", "--prompt", "the dog"]
 CHAIR = ["chair", "--gt-objects", "{gt.json}"]
 POPE = ["pope", "score", "--questions", "{coco_pope_random.jsonl}"]
@@ -104,12 +109,35 @@ CASES = {
     "explain bad reduce": [*EXPLAIN, "--out", "{new_out}", "--reduce", "tokens"],
     "explain negative tokens": [*EXPLAIN, "--out", "{new_out}", "--max-new-tokens", "-1"],
     "explain absent cuda index": [*EXPLAIN, "--out", "{new_out}", "--device", "cuda:99"],
+    "explain html is a folder": [*EXPLAIN, "--out", "{new_out}", "--html", "{empty_dir}"],
+    "explain html page over budget": [*EXPLAIN, "--out", "{new_out}", "--html", "{page.html}", "--max-page-mb", "0"],
+    "explore out is a folder": [*EXPLORE, "--out", "{empty_dir}"],
+    "explore out not html": [*EXPLORE, "--out", "{page.txt}"],
+    "explore model and result": [*EXPLORE, "--result", "{empty_dir}", "--out", "{page.html}"],
+    "explore result not explain": ["explore", "--result", "{empty_dir}", "--image", "{image.png}", "--out",
+                                   "{page.html}"],
+    "explore bad localization heads": [*EXPLORE, "--out", "{page.html}", "--localization-heads", "3-1"],
+    "explore localization head out of range": [*EXPLORE, "--out", "{page.html}", "--localization-heads", "1:99"],
+    "explore layer out of range": [*EXPLORE, "--out", "{page.html}", "--layers", "99"],
+    "lens out is a file": [*LENS, "--out", "{taken.txt}"],
+    "lens out holds foreign files": [*LENS, "--out", "{foreign}"],
+    "lens layer out of range": [*LENS, "--out", "{new_out}", "--layers", "99"],
+    "lens zero top": [*LENS, "--out", "{new_out}", "--top-k", "0"],
+    "lens empty word": [*LENS, "--out", "{new_out}", "--word", " "],
+    "ablate head out of range": [*ABLATE, "--out", "{new_out}", "--heads", "99"],
+    "ablate bad mode": [*ABLATE, "--out", "{new_out}", "--mode", "resample"],
+    "ablate empty answer": [*ABLATE, "--out", "{new_out}", "--answer", " "],
+    "patch missing corrupt image": [*PATCH[:6], "{missing.png}", *PATCH[7:], "--out", "{new_out}"],
+    "patch bad positions": [*PATCH, "--out", "{new_out}", "--positions", "all"],
     "flow out is a file": [*FLOW, "--out", "{taken.txt}"],
     "flow zero chunk": [*FLOW, "--out", "{new_out}", "--chunk-size", "0"],
     "flow negative sigma": [*FLOW, "--out", "{new_out}", "--smooth-sigma", "-1"],
     "flow bad layers": [*FLOW, "--out", "{new_out}", "--layers", "a-b"],
     "heads empty folder": ["heads", *M, "--images", "{empty_dir}", "--prompt", "x"],
     "heads zero top": [*HEADS, "--top", "0"],
+    "heads missing coco annotations": [*HEADS, "--coco-annotations", "{missing_dir}"],
+    "heads coco annotations without instances": [*HEADS, "--coco-annotations", "{empty_dir}"],
+    "heads coco prompt without word": [*HEADS, "--coco-annotations", "{gt.json}", "--coco-prompt", "where?"],
     "heads out is a file": [*HEADS, "--out", "{caps.jsonl}"],
     # chair / pope scoring
     "chair no captions": CHAIR,

@@ -34,6 +34,9 @@ RESULT_TYPES: dict[str, tuple[str, str]] = {
     "explain": ("vlmscope.explain.maps", "ExplainResult"),
     "flow": ("vlmscope.explain.flow", "FlowResult"),
     "heads": ("vlmscope.explain.heads", "HeadRanking"),
+    "lens": ("vlmscope.explain.causal", "LensResult"),
+    "ablate": ("vlmscope.explain.causal", "AblationResult"),
+    "patch": ("vlmscope.explain.causal", "PatchResult"),
     "eval-chair": ("vlmscope.results", "EvalRun"),
     "eval-pope": ("vlmscope.results", "EvalRun"),
 }

@@ -50,6 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-overlays", type=min_int(0), default=256, help="at most this many overlay PNGs")
     p.add_argument("--no-overlays", action="store_true", help="only write attention.npz and run.json")
     p.add_argument("--out", required=True, help="output directory (a re-run replaces the files it wrote)")
+    p.add_argument("--html", default=None, metavar="PAGE.html",
+                   help="also write the attention explorer page (see `vlmscope explore`)")
+    from vlmscope.cli.explore_cmd import add_page_args
+
+    add_page_args(p)
     add_json_arg(p, "print a JSON summary (generated text, map shape, files) on stdout")
     p.set_defaults(func=run)
 
@@ -68,6 +73,11 @@ def run(args: argparse.Namespace) -> int:
     parse_indices(args.steps, "step")
     parse_reduce(args.reduce)
     image = load_image(args.image)
+    if args.html is not None:
+        from vlmscope.explain.explorer import check_page_path, parse_head_pairs
+
+        check_page_path(args.html)
+        parse_head_pairs(args.localization_heads)
     out = check_out_dir(args.out, _owned, "explain")
     vlm = vlmscope.load(args.model, device=check_device(args.device), dtype=args.dtype)
     check_range(layers, vlm.adapter.num_layers, "layer")
@@ -75,8 +85,15 @@ def run(args: argparse.Namespace) -> int:
     result = explain(vlm, image, args.prompt, steps=args.steps, layers=layers or "all",
                      heads=heads or "all", reduce=args.reduce, reduce_op=args.reduce_op, scale=args.scale,
                      max_new_tokens=args.max_new_tokens)
+    page = None
+    if args.html is not None:  # first: a page over its size budget is refused before anything is written
+        from vlmscope.cli.explore_cmd import write_page
+
+        page = write_page(result, args, args.html)["path"]
     clear_owned(out, _owned)
     written = result.save(out, overlays=not args.no_overlays, max_overlays=args.max_overlays)
+    if page is not None:
+        written["html"] = page
     text = human_stream(args)
     print(f"generated: {result.text!r}", file=text)
     print(f"maps {list(result.maps.shape)} (steps, layers, heads, grid_h, grid_w) → {written['npz']}", file=text)
