@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -48,7 +49,9 @@ __all__ = [
     "build_gt_from_coco",
     "caption_to_objects",
     "chair_scores",
+    "NORMALISERS",
     "get_normaliser",
+    "normaliser_detail",
     "load_captions",
     "load_gt_objects",
     "load_vocabulary",
@@ -227,47 +230,46 @@ def builtin_normaliser(caption: str) -> tuple[list[str], list[str]]:
 builtin_normaliser.name = "builtin"  # type: ignore[attr-defined]
 
 
-def _nltk_normaliser() -> Normaliser:
-    try:
-        import nltk  # noqa: F401
-        from nltk.corpus import wordnet
-        from nltk.stem import WordNetLemmatizer
-    except ImportError as exc:
-        raise InputError("normaliser 'nltk' needs the nltk package; pip install nltk, or use normaliser='builtin'") from exc
-    lemmatizer = WordNetLemmatizer()
-
-    def wn_pos(tag: str) -> str:
-        return {"J": wordnet.ADJ, "V": wordnet.VERB, "N": wordnet.NOUN, "R": wordnet.ADV}.get(tag[:1], wordnet.NOUN)
-
-    def normalise(caption: str) -> tuple[list[str], list[str]]:
-        tokens = nltk.word_tokenize(caption.lower())
-        tagged = nltk.pos_tag(tokens)
-        return tokens, [lemmatizer.lemmatize(w, wn_pos(t)) for w, t in tagged]
-
-    try:
-        normalise("A man is skiing.")
-    except LookupError as exc:
-        raise InputError(
-            "normaliser 'nltk' needs NLTK data (punkt_tab, averaged_perceptron_tagger_eng, wordnet); "
-            "install them with nltk.download, or use normaliser='builtin'"
-        ) from exc
-    normalise.name = "nltk"  # type: ignore[attr-defined]
-    return normalise
+NORMALISERS = ("auto", "nltk", "builtin")
 
 
-def get_normaliser(name: str | Normaliser = "builtin") -> Normaliser:
-    """``"builtin"`` (no downloads), ``"nltk"`` (the reference; needs NLTK data) or a callable."""
+@lru_cache(maxsize=1)
+def _announce_fallback(missing: str) -> None:
+    # Once per process, on stderr (the CLI's logging handler), so --json output stays pure.
+    from vlmscope.eval.nltk_backend import SETUP_HINT
+
+    logging.getLogger("vlmscope").warning(
+        "CHAIR: NLTK data not found (%s); using the builtin normaliser (approximate); %s", missing, SETUP_HINT
+    )
+
+
+def get_normaliser(name: str | Normaliser = "auto") -> Normaliser:
+    """``"auto"`` (NLTK when its data are installed, else the builtin, saying so once), ``"nltk"`` (the
+    reference; `InputError` if its data are missing), ``"builtin"`` (no downloads) or a callable."""
     if callable(name):
         return name
     if name == "builtin":
         return builtin_normaliser
+    from vlmscope.eval import nltk_backend
+
     if name == "nltk":
-        return _nltk_normaliser()
-    raise InputError(f"unknown normaliser {name!r}; use 'builtin' or 'nltk'")
+        return nltk_backend.nltk_normaliser()
+    if name == "auto":
+        status = nltk_backend.nltk_status()
+        if status.available:
+            return nltk_backend.nltk_normaliser()
+        _announce_fallback(", ".join(status.missing))
+        return builtin_normaliser
+    raise InputError(f"unknown normaliser {name!r}; use 'auto', 'nltk' or 'builtin'")
 
 
 def _normaliser_name(norm: Normaliser) -> str:
     return getattr(norm, "name", getattr(norm, "__name__", "custom"))
+
+
+def normaliser_detail(norm: Normaliser) -> str:
+    """What the normaliser is, for result files: e.g. "nltk 3.10.4, perceptron tagger (json), WordNet, ..."."""
+    return getattr(norm, "detail", _normaliser_name(norm))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -288,7 +290,7 @@ class CaptionObjects:
 def caption_to_objects(
     caption: str,
     vocabulary: ChairVocabulary | str = "legacy",
-    normaliser: Normaliser | str = "builtin",
+    normaliser: Normaliser | str = "auto",
 ) -> CaptionObjects:
     """Find the COCO object mentions of one caption."""
     vocab = load_vocabulary(vocabulary) if isinstance(vocabulary, str) else vocabulary
@@ -356,7 +358,7 @@ def _annotation_files(annotation_dir: Path, kind: str) -> list[Path]:
 def build_gt_from_coco(
     annotation_dir: str | os.PathLike[str],
     vocabulary: ChairVocabulary | str = "legacy",
-    normaliser: Normaliser | str = "builtin",
+    normaliser: Normaliser | str = "auto",
     image_ids: Iterable[int] | None = None,
     progress: bool = False,
 ) -> dict[int, frozenset[str]]:
@@ -422,7 +424,7 @@ def _bundled_gt() -> dict[int, frozenset[str]]:
 def load_gt_objects(
     source: str | os.PathLike[str] | None = None,
     vocabulary: ChairVocabulary | str = "legacy",
-    normaliser: Normaliser | str = "builtin",
+    normaliser: Normaliser | str = "auto",
     image_ids: Iterable[int] | None = None,
 ) -> dict[int, frozenset[str]]:
     """Ground truth ``{image_id: objects}``.
@@ -542,7 +544,7 @@ def chair_scores(
     gt_objects: Mapping[int, Iterable[str]] | None = None,
     *,
     vocabulary: ChairVocabulary | str = "legacy",
-    normaliser: Normaliser | str = "builtin",
+    normaliser: Normaliser | str = "auto",
     image_id_key: str = "image_id",
     caption_key: str = "caption",
     missing: str = "error",
@@ -649,6 +651,7 @@ def chair_scores(
     }
     settings = {
         "normaliser": _normaliser_name(norm),
+        "normaliser_detail": normaliser_detail(norm),
         "synonyms": vocab.variant,
         "truncate_incomplete": truncate_incomplete,
         "missing": missing,
