@@ -228,6 +228,7 @@ def builtin_normaliser(caption: str) -> tuple[list[str], list[str]]:
 
 
 builtin_normaliser.name = "builtin"  # type: ignore[attr-defined]
+builtin_normaliser.detail = "builtin (no NLTK; approximate)"  # type: ignore[attr-defined]
 
 
 NORMALISERS = ("auto", "nltk", "builtin")

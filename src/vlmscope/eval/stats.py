@@ -32,6 +32,7 @@ __all__ = [
     "Comparison",
     "Interval",
     "bootstrap_intervals",
+    "chair_intervals",
     "chair_item_counts",
     "group_counts",
     "paired_bootstrap",
@@ -232,3 +233,9 @@ def paired_bootstrap(
         p_value = (1 + extreme) / (1 + draws)
         out[name] = Comparison(a, b, diff, low, high, min(1.0, p_value), level, draws, seed, n)
     return out
+
+
+def chair_intervals(result: Any, draws: int = DEFAULT_DRAWS, seed: int = 0, level: float = 0.95) -> dict[str, Interval]:
+    """Bootstrap intervals (captions, i.e. images, resampled) of every metric of a `ChairResult`."""
+    _, counts = chair_item_counts(result.per_caption)
+    return bootstrap_intervals(counts, CHAIR_METRICS, draws, seed, level)
