@@ -110,17 +110,14 @@ def test_tagger_pickle_reader_runs_no_code() -> None:
 def test_auto_falls_back_to_builtin_and_says_so(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     missing = nltk_backend.NltkStatus("3.10", None, False, "untrained-punkt", ("averaged_perceptron_tagger_eng", "wordnet"))
     monkeypatch.setattr(nltk_backend, "nltk_status", lambda: missing)
-    monkeypatch.setattr(nltk_backend.nltk_normaliser, "__wrapped__", None, raising=False)
     chair._announce_fallback.cache_clear()
     with caplog.at_level("WARNING", logger="vlmscope"):
         assert get_normaliser("auto") is chair.builtin_normaliser
         get_normaliser("auto")
     lines = [r.getMessage() for r in caplog.records if "NLTK data not found" in r.getMessage()]
     assert len(lines) == 1 and "vlmscope chair setup" in lines[0]
-    nltk_backend.nltk_normaliser.cache_clear()
     with pytest.raises(InputError, match="chair setup"):
         get_normaliser("nltk")
-    nltk_backend.nltk_normaliser.cache_clear()
 
 
 def _cli(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:

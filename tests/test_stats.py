@@ -122,3 +122,27 @@ def test_bad_input():
         bootstrap_intervals({"x": [1], "n": [1]}, MEAN, draws=0)
     with pytest.raises(InputError, match="same items"):
         paired_bootstrap({"x": [1], "n": [1]}, {"x": [1, 0], "n": [1, 1]}, MEAN)
+
+
+def test_pope_intervals_resample_images_and_match_the_point_estimate():
+    from vlmscope.eval.pope import pope_scores
+    from vlmscope.eval.stats import pope_intervals
+
+    questions, answers = [], []
+    for split in ("random", "popular"):
+        for img in range(20):
+            for label in ("yes", "no"):
+                questions.append({"question_id": len(questions), "image": f"im{img}", "text": "?", "label": label,
+                                  "split": split})
+                # wrong on every third image of "popular" only
+                wrong = split == "popular" and img % 3 == 0
+                answers.append(("no" if label == "yes" else "yes") if wrong else label)
+    scores = pope_scores(answers, questions, rule="exact")
+    ci = pope_intervals(scores["items"], draws=300, seed=0)
+    assert ci["random/Accuracy"].value == 100.0 and (ci["random/Accuracy"].low, ci["random/Accuracy"].high) == (100, 100)
+    assert ci["popular/Accuracy"].value == pytest.approx(scores["splits"]["popular"]["Accuracy"])
+    assert ci["Accuracy"].value == pytest.approx(scores["mean"]["Accuracy"])
+    assert ci["F1"].value == pytest.approx(scores["mean"]["F1"])
+    # 7 of 20 images wrong (both questions): the popular accuracy is a mean over images of 0/1 outcomes, so
+    # its interval is that of a binomial proportion 13/20, far wider than over 40 independent questions.
+    assert ci["popular/Accuracy"].low < 50 < 80 < ci["popular/Accuracy"].high

@@ -199,12 +199,16 @@ class _Morphy381:
 _WORDNET_POS = {"J": "a", "V": "v", "N": "n", "R": "r"}
 
 
-@lru_cache(maxsize=1)
 def nltk_normaliser() -> Callable[[str], tuple[list[str], list[str]]]:
     """The reference normaliser (caption → tokens, lemmas); `InputError` naming the fix if data are missing."""
-    status = nltk_status()
+    status = nltk_status()  # looked up every time (cheap): data installed or removed meanwhile count
     if not status.available:
         raise InputError(f"normaliser 'nltk' needs {', '.join(status.missing)}; {SETUP_HINT}, or use --normaliser builtin")
+    return _build_normaliser(status)
+
+
+@lru_cache(maxsize=2)
+def _build_normaliser(status: NltkStatus) -> Callable[[str], tuple[list[str], list[str]]]:
     import nltk
     from nltk.tag.perceptron import PerceptronTagger
     from nltk.tokenize import NLTKWordTokenizer, PunktSentenceTokenizer
@@ -367,6 +371,6 @@ def install_data(source: str | os.PathLike[str] | None = None, dest: str | os.Pa
     on_path = any(Path(p).resolve() == target.resolve() for p in nltk.data.path if Path(p).exists())
     if not on_path:
         nltk.data.path.insert(0, str(target))
-    nltk_normaliser.cache_clear()
+    _build_normaliser.cache_clear()
     status = nltk_status()
     return {"dest": str(target), "installed": installed, "on_nltk_path": on_path, "status": status}

@@ -36,7 +36,10 @@ __all__ = [
     "chair_item_counts",
     "group_counts",
     "paired_bootstrap",
+    "pope_image_counts",
+    "pope_intervals",
     "pope_item_counts",
+    "pope_metric_fns",
 ]
 
 Counts = Mapping[str, np.ndarray]
@@ -236,6 +239,48 @@ def paired_bootstrap(
 
 
 def chair_intervals(result: Any, draws: int = DEFAULT_DRAWS, seed: int = 0, level: float = 0.95) -> dict[str, Interval]:
-    """Bootstrap intervals (captions, i.e. images, resampled) of every metric of a `ChairResult`."""
+    """Bootstrap intervals (captions, i.e. images, resampled) of every metric of a `ChairResult` ({} if empty)."""
+    if not result.per_caption:
+        return {}
     _, counts = chair_item_counts(result.per_caption)
     return bootstrap_intervals(counts, CHAIR_METRICS, draws, seed, level)
+
+
+def pope_image_counts(items: Sequence[Mapping[str, Any]]) -> tuple[list[Any], dict[str, np.ndarray], list[str]]:
+    """Per-image count columns ``"<split>/<count>"`` of `pope_scores(...)["items"]`, and the splits in order.
+
+    Rows are images (an image's questions in every split move together when resampled)."""
+    splits = list(dict.fromkeys(str(it["split"]) for it in items))
+    base = pope_item_counts([it["pred"] for it in items], [it["label"] for it in items])
+    cols: dict[str, np.ndarray] = {}
+    for split in splits:
+        mask = np.asarray([str(it["split"]) == split for it in items], dtype=float)
+        cols.update({f"{split}/{k}": v * mask for k, v in base.items()})
+    keys, grouped = group_counts([it.get("image") or it["question_id"] for it in items], cols)
+    return keys, grouped, splits
+
+
+def pope_metric_fns(splits: Sequence[str]) -> dict[str, MetricFn]:
+    """Metric functions over `pope_image_counts` columns: ``"<split>/<metric>"`` and the mean over splits
+    (plain metric names, as `pope_scores(...)["mean"]`)."""
+
+    def per_split(split: str, fn: MetricFn) -> MetricFn:
+        return lambda c: fn({k.split("/", 1)[1]: v for k, v in c.items() if k.startswith(split + "/")})
+
+    fns: dict[str, MetricFn] = {}
+    for name, fn in POPE_METRICS.items():
+        parts = [per_split(s, fn) for s in splits]
+        fns[name] = lambda c, parts=parts: sum(p(c) for p in parts) / len(parts)
+        for split, part in zip(splits, parts):
+            fns[f"{split}/{name}"] = part
+    return fns
+
+
+def pope_intervals(
+    items: Sequence[Mapping[str, Any]], draws: int = DEFAULT_DRAWS, seed: int = 0, level: float = 0.95
+) -> dict[str, Interval]:
+    """Bootstrap intervals (images resampled) of the split means and of every split's metrics ({} if empty)."""
+    if not items:
+        return {}
+    _, counts, splits = pope_image_counts(items)
+    return bootstrap_intervals(counts, pope_metric_fns(splits), draws, seed, level)
