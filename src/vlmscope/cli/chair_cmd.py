@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "ids, applies its truncation and records it")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="DRAWS",
                    help="bootstrap draws for the 95%% intervals, images resampled (default 1000; 0: no intervals)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
     p.add_argument("--synonyms", choices=("legacy", "fixed"), default="legacy", help="synonym list variant (default legacy)")
     p.add_argument("--missing", choices=("error", "skip", "empty"), default="error", help="image ids absent from the ground truth")
     p.add_argument("--truncate-incomplete", action="store_true", help="drop text after the last period (64-token protocol)")
@@ -95,7 +95,7 @@ def _score(args: argparse.Namespace) -> int:
         missing=args.missing,
         truncate_incomplete=truncate,
     )
-    intervals = chair_intervals(result, args.bootstrap, args.seed) if args.bootstrap else {}
+    intervals = chair_intervals(result, args.bootstrap, args.bootstrap_seed) if args.bootstrap else {}
     payload = result.to_dict()
     if protocol is not None:
         payload["settings"]["protocol"] = protocol.record()
@@ -112,7 +112,7 @@ def _score(args: argparse.Namespace) -> int:
           f"{s['synonyms']} synonyms{name})", file=out)
     if intervals:
         print(f"  {'metric':<10} {'value':>6}   95% interval ({args.bootstrap} bootstrap draws over images, "
-              f"seed {args.seed})", file=out)
+              f"seed {args.bootstrap_seed})", file=out)
     for key in METRIC_KEYS:
         ci = f"   [{intervals[key].low:5.1f}, {intervals[key].high:5.1f}]" if intervals else ""
         print(f"  {key:<10} {result.metrics[key]:6.1f}{ci}", file=out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,15 @@ def register(sub: Any) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--prompt", default=None, help="CHAIR prompt (default: the config's)")
+    parser.add_argument("--protocol", default=None,
+                        help="frozen protocol: chair opera-500 / opera-500-64 (images, prompt, tokens); pope pope-coco, "
+                        "pope-random|popular|adversarial (the shipped 3,000-question splits unless --questions), "
+                        "pope-random-llava-2910 (pass its file with --questions); recorded in metrics.json")
+    parser.add_argument("--normaliser", choices=("auto", "nltk", "builtin"), default="auto",
+                        help="CHAIR text normaliser (default auto: NLTK when its data are installed)")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="DRAWS",
+                        help="bootstrap draws for the 95%% intervals, images resampled (default 1000; 0: none)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
     add_method_args(parser)
     parser.set_defaults(func=run, decoding=None)
 
@@ -53,32 +63,77 @@ def run(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or config.batch_size
     settings = {"model": model, "decoding": repr(decoding), "interventions": [repr(i) for i in interventions],
                 "batch_size": batch_size}
+    protocol = _protocol(args)
+    if args.bootstrap < 0:
+        raise InputError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    scoring = {"bootstrap": args.bootstrap, "bootstrap_seed": args.bootstrap_seed}
+    settings["protocol"] = protocol.record() if protocol is not None else None
     # Inputs are checked before the model loads: a typo should not cost a checkpoint load.
     if args.task == "chair":
         from vlmscope.eval.coco import coco_items
 
         opts = config.chair
-        items = coco_items(args.data_path, args.num_images or opts.get("num_images"),
-                           args.seed if args.seed is not None else opts.get("seed"), args.image_ids, args.listing)
+        if protocol is not None:
+            items = _protocol_items(protocol, args)
+            prompt, max_new = protocol.prompt, protocol.max_new_tokens
+            scoring["truncate_incomplete"] = protocol.truncate_incomplete
+        else:
+            items = coco_items(args.data_path, args.num_images or opts.get("num_images"),
+                               args.seed if args.seed is not None else opts.get("seed"), args.image_ids, args.listing)
+            prompt = args.prompt or opts.get("prompt", "Please describe this image in detail.")
+            max_new = args.max_new_tokens or opts.get("max_new_tokens", 512)
         if not items:
             raise InputError(f"no images to caption in {args.data_path}; check --data-path and --num-images")
-        prompt = args.prompt or opts.get("prompt", "Please describe this image in detail.")
-        max_new = args.max_new_tokens or opts.get("max_new_tokens", 512)
+        scoring["normaliser"] = args.normaliser
         settings.update(prompt=prompt, max_new_tokens=max_new, num_images=len(items))
     else:
         opts = config.pope
+        if protocol is not None and not args.questions:
+            from vlmscope.eval.protocols import bundled_pope_file
+
+            if protocol.fingerprints:
+                args.questions = [str(bundled_pope_file(s)) for s in protocol.splits]
         questions = _pope_questions(args.questions, args.data_path)
+        if protocol is not None:
+            from vlmscope.eval.protocols import check_pope_questions
+
+            by_split: dict[str, list] = {}
+            for q in questions:
+                by_split.setdefault(q["split"], []).append(q)
+            check_pope_questions(protocol, by_split)
         max_new = args.max_new_tokens or opts.get("max_new_tokens", 16)
         rule = args.rule or opts.get("rule", "official")
         settings.update(questions=[str(q) for q in args.questions], max_new_tokens=max_new, rule=rule)
     vlm = vlmscope.load(model, device=args.device or shard.device or config.device, dtype=args.dtype or config.dtype)
     if args.task == "chair":
         _run_chair(vlm, shard, out, items, prompt, max_new, decoding, interventions, batch_size,
-                   args.gt_objects, settings)
+                   args.gt_objects, settings, scoring)
     else:
         _run_pope(vlm, shard, out, questions, args.data_path, opts.get("prompt_suffix", ""), max_new, rule,
-                  decoding, interventions, batch_size, settings)
+                  decoding, interventions, batch_size, settings, scoring)
     return 0
+
+
+def _protocol(args: argparse.Namespace) -> Any:
+    if args.protocol is None:
+        return None
+    from vlmscope.eval.protocols import get_protocol
+
+    protocol = get_protocol(args.protocol, args.task)
+    # A protocol fixes these; silently overriding one would mislabel the run.
+    fixed = {"chair": ("prompt", "max_new_tokens", "num_images", "image_ids", "seed"), "pope": ()}[args.task]
+    given = [f"--{name.replace('_', '-')}" for name in fixed if getattr(args, name) is not None]
+    if given:
+        raise InputError(f"--protocol {protocol.name} fixes {', '.join(given)}; drop them or run without --protocol")
+    return protocol
+
+
+def _protocol_items(protocol: Any, args: argparse.Namespace) -> list[tuple[int, str]]:
+    from vlmscope.eval.coco import coco_items
+
+    ids_file = resources.files("vlmscope").joinpath("data", protocol.image_ids_file)
+    with resources.as_file(ids_file) as path:
+        return coco_items(args.data_path, None, None, path, args.listing)
 
 
 def _pope_questions(files: list[str] | None, data_path: str) -> list[dict[str, Any]]:
@@ -118,7 +173,7 @@ def _merge(out: Path, name: str, key: str, order: list[Any], shard: Any) -> None
 
 
 def _run_chair(vlm, shard, out, items, prompt, max_new, decoding, interventions, batch_size, gt_source,
-               settings) -> None:
+               settings, scoring) -> None:
     from vlmscope.eval.model_eval import caption_fn
     from vlmscope.eval.runner import caption_images, score_chair
     from vlmscope.eval.store import ResultStore
@@ -133,13 +188,13 @@ def _run_chair(vlm, shard, out, items, prompt, max_new, decoding, interventions,
         return
     ids = [i for i, _ in items]
     _merge(out, "captions.jsonl", "image_id", ids, shard)
-    payload = score_chair(ids, out / "captions.jsonl", gt_source, out, settings)
+    payload = score_chair(ids, out / "captions.jsonl", gt_source, out, settings, **scoring)
     print((out / "metrics.md").read_text(), end="")
     print(f"CHAIR_S {payload['metrics']['CHAIR_S']:.1f}  CHAIR_I {payload['metrics']['CHAIR_I']:.1f}  → {out}")
 
 
 def _run_pope(vlm, shard, out, questions, data_path, suffix, max_new, rule, decoding, interventions, batch_size,
-              settings) -> None:
+              settings, scoring) -> None:
     from vlmscope.eval.model_eval import answer_fn
     from vlmscope.eval.runner import answer_questions, question_key, score_pope
     from vlmscope.eval.store import ResultStore
@@ -153,5 +208,5 @@ def _run_pope(vlm, shard, out, questions, data_path, suffix, max_new, rule, deco
     if not shard.is_main:
         return
     _merge(out, "answers.jsonl", "qkey", [question_key(q) for q in questions], shard)
-    score_pope(questions, out / "answers.jsonl", rule, out, settings)
+    score_pope(questions, out / "answers.jsonl", rule, out, settings, **scoring)
     print((out / "metrics.md").read_text(), end="")
