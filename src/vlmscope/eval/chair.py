@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmscope.errors import InputError
-from vlmscope.eval.lemmatize import EXCEPTIONS, lemmatize
+from vlmscope.eval.lemmatize import lemmatize
 from vlmscope.eval.tokenize import word_tokenize
 
 __all__ = [
@@ -156,65 +156,6 @@ def vocabulary_words() -> frozenset[str]:
 
 Normaliser = Callable[[str], tuple[list[str], list[str]]]
 
-# Words after which an -ing/-ed form is a noun or adjective for the tagger ("a parking lot", "their own
-# skateboarding skills", "a few potted plants").
-_PRENOMINAL = frozenset(
-    """
-    a an the this that these those my your his her its our their some any no each every either neither few
-    several many much more most other another own such both all half ample additional various numerous
-    one two three four five six seven eight nine ten
-    """.split()
-)
-# Words that are not nouns/adjectives: an -ed form followed by one of them (or by punctuation) is a verb.
-_FUNCTION_WORDS = _PRENOMINAL | frozenset(
-    """
-    on in at to with by for of from into onto upon over under near beside behind above below between among
-    across along around through toward towards against about off out up down away inside outside like
-    and or but nor so yet while as than that which who whom whose where when if because
-    it them him me us they he she we you i
-    is are was were be been being has have had do does did will would can could may might should must
-    not n't together too very also still just there here then
-    """.split()
-)
-
-
-def _looks_like_content_word(token: str) -> bool:
-    # Nouns and adjectives; "-ly" words are adverbs ("seated comfortably").
-    return token.replace("-", "").isalpha() and token not in _FUNCTION_WORDS and not token.endswith("ly")
-
-
-def guess_verb_positions(tokens: Sequence[str]) -> list[bool]:
-    """Which tokens the builtin backend lemmatises as verbs (a stand-in for NLTK's POS tagger).
-
-    Only participles matter to CHAIR: their verb lemma can be an object word ("skiing" → "ski") or break a
-    compound ("parking" → "park"). Rules, fitted to the perceptron tagger's decisions on caption text
-    (95% agreement on the participles that matter in the released LLaVA-1.5 logs):
-    - after a determiner, possessive, quantifier or number: not a verb ("a parking lot", "few potted plants");
-    - an ``-ed`` form (or irregular participle such as "born") before a noun/adjective: not a verb ("dimly lit
-      room"); otherwise a verb ("is seated on", "was born .");
-    - an ``-ing`` form between two nouns/adjectives: not a verb ("popular skiing location"); otherwise a verb
-      ("a person skiing down", "rows of parking meters").
-    Plural nouns are never treated as verbs.
-    """
-    flags = []
-    n = len(tokens)
-    for i, tok in enumerate(tokens):
-        ing = tok.endswith("ing") and len(tok) > 4
-        ed = not ing and ((tok.endswith("ed") and len(tok) > 3) or tok in EXCEPTIONS["v"])
-        if not (ing or ed) or not tok.isalpha():
-            flags.append(False)
-            continue
-        prev = tokens[i - 1] if i > 0 else ""
-        nxt = tokens[i + 1] if i + 1 < n else ""
-        if prev in _PRENOMINAL or prev.isdigit():
-            flags.append(False)
-        elif ed:
-            flags.append(not _looks_like_content_word(nxt))
-        else:
-            flags.append(not (_looks_like_content_word(nxt) and _looks_like_content_word(prev)))
-    return flags
-
-
 @lru_cache(maxsize=65536)
 def _lemma(token: str, pos: str) -> str:
     return lemmatize(token, pos)
@@ -222,9 +163,10 @@ def _lemma(token: str, pos: str) -> str:
 
 def builtin_normaliser(caption: str) -> tuple[list[str], list[str]]:
     """Tokens and lemmas of a caption without NLTK (see the module docstring)."""
+    from vlmscope.eval.postag import load_model
+
     tokens = word_tokenize(caption.lower())
-    verbs = guess_verb_positions(tokens)
-    return tokens, [_lemma(t, "v" if v else "n") for t, v in zip(tokens, verbs)]
+    return tokens, [_lemma(t, pos) for t, pos in zip(tokens, load_model().tag(tokens))]
 
 
 builtin_normaliser.name = "builtin"  # type: ignore[attr-defined]

@@ -199,6 +199,11 @@ class _Morphy381:
 _WORDNET_POS = {"J": "a", "V": "v", "N": "n", "R": "r"}
 
 
+def wordnet_pos(penn_tag: str) -> str:
+    """The WordNet part of speech the reference lemmatises a token of this Penn tag with."""
+    return _WORDNET_POS.get(penn_tag[:1], "n")
+
+
 def nltk_normaliser() -> Callable[[str], tuple[list[str], list[str]]]:
     """The reference normaliser (caption → tokens, lemmas); `InputError` naming the fix if data are missing."""
     status = nltk_status()  # looked up every time (cheap): data installed or removed meanwhile count
@@ -225,12 +230,18 @@ def _build_normaliser(status: NltkStatus) -> Callable[[str], tuple[list[str], li
     tagger.classes = tagger.model.classes = set(classes)
     morphy = _Morphy381()
 
-    def normalise(caption: str) -> tuple[list[str], list[str]]:
+    def tagged(caption: str) -> tuple[list[str], list[str]]:
+        """Tokens and their Penn Treebank tags, as the reference computes them."""
         tokens = [tok for sent in split_sentences(caption.lower()) for tok in word_tokenizer.tokenize(sent)]
-        tags = tagger.tag(tokens)
-        return tokens, [morphy.lemmatize(w, _WORDNET_POS.get(t[:1], "n")) for w, t in tags]
+        return tokens, [t for _, t in tagger.tag(tokens)]
+
+    def normalise(caption: str) -> tuple[list[str], list[str]]:
+        tokens, tags = tagged(caption)
+        return tokens, [morphy.lemmatize(w, wordnet_pos(t)) for w, t in zip(tokens, tags)]
 
     normalise.name = "nltk"  # type: ignore[attr-defined]
+    normalise.tagged = tagged  # type: ignore[attr-defined]
+    normalise.tag_tokens = lambda tokens: [t for _, t in tagger.tag(list(tokens))]  # type: ignore[attr-defined]
     normalise.detail = status.describe()  # type: ignore[attr-defined]
     return normalise
 
