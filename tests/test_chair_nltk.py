@@ -156,3 +156,26 @@ def test_cli_setup_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
     (tmp_path / "empty").mkdir()
     proc = _cli(capsys, "chair", "setup", "--from", str(tmp_path / "empty"), "--dest", str(tmp_path / "d2"))
     assert proc.returncode == 2 and "averaged_perceptron_tagger" in proc.stderr
+
+
+def test_builtin_tokens_equal_nltk_tokens_on_all_logs(nltk_data: str) -> None:
+    from vlmscope.eval.tokenize import word_tokenize
+
+    tagged = get_normaliser("nltk").tagged
+    differ = []
+    for path in sorted((SHARED / "chair").glob("*_captions.jsonl")):
+        for rec in load_captions(path):
+            if word_tokenize(rec["caption"].lower()) != tagged(rec["caption"])[0]:
+                differ.append(rec["caption"][:60])
+    assert len(list((SHARED / "chair").glob("*_captions.jsonl"))) == 12
+    assert differ == []
+
+
+def test_hand_written_rule_cases_hold_for_the_reference(nltk_data: str) -> None:
+    # The builtin's rule table (tests/test_chair.py) states the reference behaviour: check it on the oracle.
+    from test_chair import RULE_CASES
+
+    norm = get_normaliser("nltk")
+    wrong = [(c, e, chair.caption_to_objects(c, normaliser=norm).node_words) for c, e in RULE_CASES
+             if chair.caption_to_objects(c, normaliser=norm).node_words != e]
+    assert wrong == []
