@@ -152,6 +152,11 @@ SPLIT_CASES = [
     ("mr. smith sat. then left!  fine? yes", ["mr.", "smith sat.", "then left!", "fine?", "yes"]),
     ("wait... the dog", ["wait... the dog"]),
     ("a. b c at 5 p.m. the dog", ["a. b c at 5 p.m.", "the dog"]),
+    # a number before a closing quote ends the sentence; "10:21." is judged by "21."
+    ('is 395." the road at 10:21. been there', ['is 395."', "the road at 10:21. been there"]),
+    # a closing quote that would open the next sentence stays with the previous one
+    ('reads " special. " the bus', ['reads " special. "', "the bus"]),
+    ("a process.; furthermore, x", ["a process.", "; furthermore, x"]),
 ]
 
 

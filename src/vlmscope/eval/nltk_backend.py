@@ -230,9 +230,12 @@ def _build_normaliser(status: NltkStatus) -> Callable[[str], tuple[list[str], li
     tagger.classes = tagger.model.classes = set(classes)
     morphy = _Morphy381()
 
+    def tokenize(caption: str) -> list[str]:
+        return [tok for sent in split_sentences(caption.lower()) for tok in word_tokenizer.tokenize(sent)]
+
     def tagged(caption: str) -> tuple[list[str], list[str]]:
         """Tokens and their Penn Treebank tags, as the reference computes them."""
-        tokens = [tok for sent in split_sentences(caption.lower()) for tok in word_tokenizer.tokenize(sent)]
+        tokens = tokenize(caption)
         return tokens, [t for _, t in tagger.tag(tokens)]
 
     def normalise(caption: str) -> tuple[list[str], list[str]]:
@@ -241,6 +244,7 @@ def _build_normaliser(status: NltkStatus) -> Callable[[str], tuple[list[str], li
 
     normalise.name = "nltk"  # type: ignore[attr-defined]
     normalise.tagged = tagged  # type: ignore[attr-defined]
+    normalise.tokenize = tokenize  # type: ignore[attr-defined]
     normalise.tag_tokens = lambda tokens: [t for _, t in tagger.tag(list(tokens))]  # type: ignore[attr-defined]
     normalise.detail = status.describe()  # type: ignore[attr-defined]
     return normalise

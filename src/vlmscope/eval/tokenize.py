@@ -47,27 +47,48 @@ def _ends_sentence(chunk: str, abbreviations: frozenset[str] = ABBREVIATIONS) ->
     if core.endswith(".."):
         # An ellipsis followed by a lower-case word continues the sentence.
         return False
-    word = core[:-1].lower()
-    if not word:
+    # Punkt's word tokens break at these characters: "10:21." is judged by "21.".
+    word = re.split(r"[:;&#*@(){}\[\]\"]", core)[-1]
+    if len(word) <= 1:
         return True
-    if word in abbreviations or word.split("-")[-1] in abbreviations:
+    if word[:-1] in abbreviations or word[:-1].split("-")[-1] in abbreviations:
         return False
+    if chunk != core:
+        # A closing quote or bracket right after the period ("395.\"") makes it a sentence end regardless.
+        return True
     # Numbers ("395.") and initials ("a.") are only sentence ends before an upper-case word.
-    return not (_NUMBER.match(core) or _INITIAL.match(core))
+    return not (_NUMBER.match(word) or _INITIAL.match(word))
+
+
+# A period directly followed by one of these also ends a sentence, which then starts with them ("process.;").
+_INNER_BREAK = re.compile(r"(?<=[^.\s])\.(?=[;:*@({\[])")
+# Closing quotes/brackets (then whitespace) that open a sentence go back to the previous one, as Punkt's
+# boundary realignment does ('reads " special. " the' is one sentence up to the second quote).
+_LEADING_CLOSERS = re.compile(r"^[\"')\]}]+(?:\s+|$)")
 
 
 def sent_tokenize(text: str, abbreviations: frozenset[str] = ABBREVIATIONS) -> list[str]:
     """Split lower-cased text into sentences the way (untrained, by default) Punkt does for it."""
+    cuts: list[int] = []
+    end = len(text.rstrip())
+    for match in re.finditer(r"\S+", text):
+        chunk = match.group()
+        for inner in _INNER_BREAK.finditer(chunk):
+            cuts.append(match.start() + inner.end())
+        if _ends_sentence(chunk, abbreviations) and match.end() < end:
+            cuts.append(match.end())
     sentences: list[str] = []
     start = 0
-    for match in re.finditer(r"\S+", text):
-        if _ends_sentence(match.group(), abbreviations) and match.end() < len(text.rstrip()):
-            sentences.append(text[start : match.end()].strip())
-            start = match.end()
-    rest = text[start:].strip()
-    if rest:
-        sentences.append(rest)
-    return [s for s in sentences if s]
+    for cut in [*cuts, len(text)]:
+        piece = text[start:cut]
+        lead = _LEADING_CLOSERS.match(piece.lstrip())
+        if lead and sentences:
+            sentences[-1] += " " + lead.group().strip()
+            piece = piece.lstrip()[lead.end() :]
+        if piece.strip():
+            sentences.append(piece.strip())
+        start = cut
+    return sentences
 
 
 # Treebank passes, in order. Each is (pattern, replacement); the order matters (e.g. the quote rules
