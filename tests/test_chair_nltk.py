@@ -158,6 +158,7 @@ def test_cli_setup_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
     assert proc.returncode == 2 and "averaged_perceptron_tagger" in proc.stderr
 
 
+@pytest.mark.slow
 def test_builtin_tokens_equal_nltk_tokens_on_all_logs(nltk_data: str) -> None:
     from vlmscope.eval.tokenize import word_tokenize
 
