@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coco_path", default=None, help="COCO annotation folder or ground-truth JSON")
     parser.add_argument("--save_path", default="", help="write per-caption details and metrics as JSON")
     parser.add_argument("--cache", default=None, help="ignored (kept for command-line compatibility)")
-    parser.add_argument("--normaliser", choices=("builtin", "nltk"), default="builtin")
+    parser.add_argument("--normaliser", choices=("auto", "nltk", "builtin"), default="auto",
+                        help="auto: NLTK exactly as the reference when its data are installed, else the builtin")
     args = parser.parse_args(argv)
     try:
         captions = load_captions(args.cap_file, args.image_id_key, args.caption_key)

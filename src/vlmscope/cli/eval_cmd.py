@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,15 @@ def register(sub: Any) -> None:
     parser.add_argument("--batch-size", type=min_int(1), default=None)
     parser.add_argument("--max-new-tokens", type=min_int(1), default=None)
     parser.add_argument("--prompt", default=None, help="CHAIR prompt (default: the config's)")
+    parser.add_argument("--protocol", default=None,
+                        help="frozen protocol: chair opera-500 / opera-500-64 (images, prompt, tokens); pope pope-coco, "
+                        "pope-random|popular|adversarial (the shipped 3,000-question splits unless --questions), "
+                        "pope-random-llava-2910 (pass its file with --questions); recorded in metrics.json")
+    parser.add_argument("--normaliser", choices=("auto", "nltk", "builtin"), default="auto",
+                        help="CHAIR text normaliser (default auto: NLTK when its data are installed)")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="DRAWS",
+                        help="bootstrap draws for the 95%% intervals, images resampled (default 1000; 0: none)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
     add_method_args(parser)
     add_json_arg(parser, "print the run's metrics and settings as one JSON object (progress and tables to stderr)")
     parser.set_defaults(func=run, decoding=None)
@@ -70,11 +80,17 @@ def run(args: argparse.Namespace) -> int:
     common = {"model": _pick(args.model, config.model), "revision": None, "dtype": _pick(args.dtype, config.dtype),
               "decoding": spec_string(decoding), "interventions": [spec_string(i) for i in interventions],
               "batch_size": _pick(args.batch_size, config.batch_size, 8)}
+    protocol = _protocol(args)
+    if args.bootstrap < 0:
+        raise InputError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    common["protocol"] = protocol.record() if protocol is not None else None
+    # Scoring-only settings (vlmscope.eval.runs.RESCORED_KEYS): a resume may change them and rescore.
+    common.update(bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
     if args.task == "chair":
-        settings, items = _settings_chair(args, config, common)
+        settings, items = _settings_chair(args, config, common, protocol)
         folder = RunFolder(Path(args.out), "eval-chair", settings)
     else:
-        settings, questions = _settings_pope(args, config, common)
+        settings, questions = _settings_pope(args, config, common, protocol)
         folder = RunFolder(Path(args.out), "eval-pope", settings)
     # Cheap refusal first; the revision and the loaded dtype are known once the model is loaded.
     folder.check(args.force_new, ignore=("revision", "dtype"))
@@ -89,11 +105,15 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "chair":
         fn = caption_fn(vlm, settings["prompt"], settings["max_new_tokens"], decoding, interventions)
         report = run_chair_folder(folder, items, fn, shard, settings["batch_size"], record,
-                                  gt_objects=args.gt_objects, force_new=args.force_new)
+                                  gt_objects=args.gt_objects, force_new=args.force_new,
+                                  bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed,
+                                  normaliser=args.normaliser,
+                                  truncate_incomplete=bool(protocol and protocol.truncate_incomplete))
     else:
         fn = answer_fn(vlm, settings["prompt_suffix"], settings["max_new_tokens"], decoding, interventions)
         report = run_pope_folder(folder, questions, fn, shard, settings["batch_size"], record,
-                                 image_root=args.data_path, rule=settings["rule"], force_new=args.force_new)
+                                 image_root=args.data_path, rule=settings["rule"], force_new=args.force_new,
+                                 bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
     if report.payload is None:  # not the main process: the main one scores and prints
         return 0
     print((folder.path / "metrics.md").read_text(encoding="utf-8"), end="", file=out)
@@ -108,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings_chair(args: argparse.Namespace, config: Any, common: dict[str, Any]
+def _settings_chair(args: argparse.Namespace, config: Any, common: dict[str, Any], protocol: Any
                     ) -> tuple[dict[str, Any], list[tuple[int, str]]]:
     from vlmscope.eval.coco import coco_items
     from vlmscope.eval.runs import ids_digest
@@ -118,13 +138,18 @@ def _settings_chair(args: argparse.Namespace, config: Any, common: dict[str, Any
         raise InputError(f"ground truth not found: {args.gt_objects}; pass a JSON file or a COCO annotation folder")
     num_images = _pick(args.num_images, opts.get("num_images"))
     seed = _pick(args.seed, opts.get("seed"))
-    items = coco_items(args.data_path, num_images, seed, args.image_ids, args.listing)
+    if protocol is not None:  # the protocol fixes the images, prompt and token limit (`_protocol` refuses others)
+        items = _protocol_items(protocol, args)
+    else:
+        items = coco_items(args.data_path, num_images, seed, args.image_ids, args.listing)
     if not items:
         raise InputError(f"no images to caption in {args.data_path}; check --data-path and --num-images")
     settings = {
         **common,
-        "prompt": _pick(args.prompt, opts.get("prompt"), "Please describe this image in detail."),
-        "max_new_tokens": _pick(args.max_new_tokens, opts.get("max_new_tokens"), 512),
+        "prompt": protocol.prompt if protocol is not None else
+        _pick(args.prompt, opts.get("prompt"), "Please describe this image in detail."),
+        "max_new_tokens": protocol.max_new_tokens if protocol is not None else
+        _pick(args.max_new_tokens, opts.get("max_new_tokens"), 512),
         "data_path": str(Path(args.data_path).resolve()),
         "image_ids_file": None if args.image_ids is None else str(Path(args.image_ids).resolve()),
         "listing": args.listing,
@@ -132,11 +157,12 @@ def _settings_chair(args: argparse.Namespace, config: Any, common: dict[str, Any
         "num_images": len(items),
         "images": ids_digest([i for i, _ in items]),
         "gt_objects": args.gt_objects or "builtin",
+        "normaliser": args.normaliser,
     }
     return settings, items
 
 
-def _settings_pope(args: argparse.Namespace, config: Any, common: dict[str, Any]
+def _settings_pope(args: argparse.Namespace, config: Any, common: dict[str, Any], protocol: Any
                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from vlmscope.eval.pope import RULES, question_file_info
     from vlmscope.eval.runner import question_key
@@ -146,7 +172,18 @@ def _settings_pope(args: argparse.Namespace, config: Any, common: dict[str, Any]
     rule = _pick(args.rule, opts.get("rule"), "official")
     if rule not in RULES:
         raise InputError(f"unknown POPE rule {rule!r}; use one of {', '.join(sorted(RULES))}")
+    if protocol is not None and not args.questions and protocol.fingerprints:
+        from vlmscope.eval.protocols import bundled_pope_file
+
+        args.questions = [str(bundled_pope_file(s)) for s in protocol.splits]
     questions = _pope_questions(args.questions, args.data_path)
+    if protocol is not None:
+        from vlmscope.eval.protocols import check_pope_questions
+
+        by_split: dict[str, list] = {}
+        for q in questions:
+            by_split.setdefault(q["split"], []).append(q)
+        check_pope_questions(protocol, by_split)
     files = [question_file_info(f) for f in args.questions]
     settings = {
         **common,
@@ -160,6 +197,28 @@ def _settings_pope(args: argparse.Namespace, config: Any, common: dict[str, Any]
         "rule": rule,
     }
     return settings, questions
+
+
+def _protocol(args: argparse.Namespace) -> Any:
+    if args.protocol is None:
+        return None
+    from vlmscope.eval.protocols import get_protocol
+
+    protocol = get_protocol(args.protocol, args.task)
+    # A protocol fixes these; silently overriding one would mislabel the run.
+    fixed = {"chair": ("prompt", "max_new_tokens", "num_images", "image_ids", "seed"), "pope": ()}[args.task]
+    given = [f"--{name.replace('_', '-')}" for name in fixed if getattr(args, name) is not None]
+    if given:
+        raise InputError(f"--protocol {protocol.name} fixes {', '.join(given)}; drop them or run without --protocol")
+    return protocol
+
+
+def _protocol_items(protocol: Any, args: argparse.Namespace) -> list[tuple[int, str]]:
+    from vlmscope.eval.coco import coco_items
+
+    ids_file = resources.files("vlmscope").joinpath("data", protocol.image_ids_file)
+    with resources.as_file(ids_file) as path:
+        return coco_items(args.data_path, None, None, path, args.listing)
 
 
 def _pope_questions(files: list[str] | None, data_path: str) -> list[dict[str, Any]]:

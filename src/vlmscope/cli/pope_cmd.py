@@ -27,6 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--extra-answers", choices=("error", "ignore"), default="error",
                    help="answers to questions not in the question files: an error (default), or counted and skipped")
     add_json_arg(s, "print only the metrics as one JSON object on stdout (the table goes to stderr)")
+    s.add_argument("--protocol", help="check the questions are a frozen POPE protocol's (pope-random, pope-popular, "
+                   "pope-adversarial, pope-coco, pope-random-llava-2910) and record it")
+    s.add_argument("--bootstrap", type=int, default=1000, metavar="DRAWS",
+                   help="bootstrap draws for the 95%% intervals, images resampled (default 1000; 0: no intervals)")
+    s.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
     s.set_defaults(func=_score)
 
     b = sub.add_parser("build", help="build POPE question files from a COCO instances file")
@@ -42,31 +47,61 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _score(args: argparse.Namespace) -> int:
+    from vlmscope.errors import InputError
     from vlmscope.eval.pope import METRIC_NAMES, load_answers, load_questions, pope_scores
+    from vlmscope.eval.stats import pope_intervals
 
+    if args.bootstrap < 0:
+        raise InputError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     questions = [q for path in args.questions for q in load_questions(path)]
+    protocol = None
+    if args.protocol is not None:
+        from vlmscope.eval.protocols import check_pope_questions, get_protocol
+
+        protocol = get_protocol(args.protocol, "pope")
+        by_split: dict[str, list] = {}
+        for q in questions:
+            by_split.setdefault(q["split"], []).append(q)
+        check_pope_questions(protocol, by_split)
     answers = load_answers(args.answers)
     out = pope_scores(answers, questions, rule=args.rule, extra=args.extra_answers)
+    ci = pope_intervals(out["items"], args.bootstrap, args.bootstrap_seed) if args.bootstrap else {}
     text = human_stream(args)
-    print(f"POPE, {out['n_questions']} questions, rule {out['rule']}, answers matched by {out['matched_by']}"
+    name = f", protocol {protocol.name}" if protocol is not None else ""
+    print(f"POPE, {out['n_questions']} questions, rule {out['rule']}{name}, answers matched by {out['matched_by']}"
           + (f", {out['extra_answers']} answers to other questions ignored" if out["extra_answers"] else ""),
           file=text)
     header = f"  {'split':<12}" + "".join(f"{m:>10}" for m in METRIC_NAMES) + f"{'unparsed':>10}"
     print(header, file=text)
     for split, m in out["splits"].items():
         print(f"  {split:<12}" + "".join(f"{m[k]:10.1f}" for k in METRIC_NAMES) + f"{m['unparsed']:10d}", file=text)
+        if ci:
+            print(f"  {'  95% CI':<12}" + "".join(f"{_span(ci[f'{split}/{k}']):>10}" for k in METRIC_NAMES), file=text)
     if len(out["splits"]) > 1:
         print(f"  {'mean':<12}" + "".join(f"{out['mean'][k]:10.1f}" for k in METRIC_NAMES), file=text)
+        if ci:
+            print(f"  {'  95% CI':<12}" + "".join(f"{_span(ci[k]):>10}" for k in METRIC_NAMES), file=text)
+    if ci:
+        print(f"  (intervals: {args.bootstrap} bootstrap draws over images, seed {args.bootstrap_seed})", file=text)
     if args.json:
-        emit_json({
+        record = {
             "rule": out["rule"],
             "n_questions": out["n_questions"],
             "matched_by": out["matched_by"],
             "extra_answers": out["extra_answers"],
             "splits": {s: {k: m[k] for k in (*METRIC_NAMES, "n", "unparsed", "empty")} for s, m in out["splits"].items()},
             "mean": out["mean"],
-        })
+        }
+        if ci:
+            record["intervals"] = {k: [v.low, v.high] for k, v in ci.items()}
+        if protocol is not None:
+            record["protocol"] = protocol.name
+        emit_json(record)
     return 0
+
+
+def _span(interval) -> str:
+    return f"{interval.low:.1f}-{interval.high:.1f}"
 
 
 def _build(args: argparse.Namespace) -> int:

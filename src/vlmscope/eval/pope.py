@@ -295,6 +295,7 @@ def pope_scores(
         texts = [_answer_text(a) for a in ans]
     groups: dict[str, tuple[list[str | None], list[str]]] = {}
     empty: Counter[str] = Counter()
+    items = []  # per question, for bootstrap intervals and paired comparisons (vlmscope.eval.stats)
     for q, text in zip(qs, texts):
         label = str(q["label"]).strip().lower()
         split = str(q.get("split") or q.get("category") or "all")
@@ -302,10 +303,12 @@ def pope_scores(
         preds.append(parse_answer(text, rule, label))
         labels.append(label)
         empty[split] += text is None or not str(text).strip()
+        items.append({"split": split, "question_id": q["question_id"], "image": q.get("image"), "label": label,
+                      "pred": preds[-1]})
     splits = {name: {**_metrics(*groups[name]), "empty": empty[name]} for name in groups}
     mean = {k: sum(s[k] for s in splits.values()) / len(splits) for k in METRIC_NAMES} if splits else {}
     return {"rule": rule, "n_questions": len(qs), "matched_by": "question_id" if keyed else "position",
-            "extra_answers": extra_answers, "splits": splits, "mean": mean}
+            "extra_answers": extra_answers, "splits": splits, "mean": mean, "items": items}
 
 
 # ---------------------------------------------------------------------------------------------------------

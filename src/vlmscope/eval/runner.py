@@ -17,6 +17,7 @@ from typing import Any
 from vlmscope.errors import InputError
 from vlmscope.eval.chair import METRIC_KEYS, chair_scores, load_gt_objects
 from vlmscope.eval.pope import METRIC_NAMES, pope_scores
+from vlmscope.eval.stats import chair_intervals, pope_intervals
 from vlmscope.eval.store import ResultStore
 
 __all__ = [
@@ -68,6 +69,15 @@ def metrics_markdown(rows: Sequence[tuple[str, Mapping[str, Any]]], columns: Seq
     rule = "|---|" + "---:|" * len(columns)
     body = ["| " + " | ".join([name, *(_fmt(m.get(c)) for c in columns)]) + " |" for name, m in rows]
     return "\n".join([header, rule, *body]) + "\n"
+
+
+def _intervals(intervals: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``intervals`` and ``bootstrap`` entries of a metrics payload (nothing without intervals)."""
+    if not intervals:
+        return {}
+    first = next(iter(intervals.values()))
+    return {"intervals": {k: [v.low, v.high] for k, v in intervals.items()},
+            "bootstrap": {"draws": first.draws, "seed": first.seed, "level": first.level, "unit": "image"}}
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -123,10 +133,13 @@ def score_chair(
     gt_objects: Mapping[int, Iterable[str]] | str | os.PathLike[str] | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     settings: Mapping[str, Any] | None = None,
+    bootstrap: int = 1000,
+    bootstrap_seed: int = 0,
     **chair_kwargs: Any,
 ) -> dict[str, Any]:
-    """CHAIR over the stored captions of `image_ids`; writes ``metrics.json``, ``metrics.md`` and
-    ``chair_details.json`` (per-caption mentions, hallucinations, ground truth). Returns the payload."""
+    """CHAIR over the stored captions of `image_ids`; writes ``metrics.json`` (with 95 % bootstrap intervals,
+    `bootstrap` draws over images, none if 0), ``metrics.md`` and ``chair_details.json`` (per-caption
+    mentions, hallucinations, ground truth). Returns the payload."""
     results = _store(store, "image_id")
     stored = {row["image_id"]: row for row in results.rows()}
     missing = [i for i in image_ids if i not in stored]
@@ -140,6 +153,7 @@ def score_chair(
     payload = {
         "task": "chair",
         "metrics": {k: result.metrics[k] for k in METRIC_KEYS},
+        **_intervals(chair_intervals(result, bootstrap, bootstrap_seed) if bootstrap else {}),
         "counts": result.counts,
         "settings": {**result.settings, **(settings or {})},
         "results_file": results.path.name,
@@ -222,9 +236,12 @@ def score_pope(
     rule: str = "official",
     out_dir: str | os.PathLike[str] | None = None,
     settings: Mapping[str, Any] | None = None,
+    bootstrap: int = 1000,
+    bootstrap_seed: int = 0,
 ) -> dict[str, Any]:
     """POPE metrics per split (and their mean) over the stored answers of `questions`; writes
-    ``metrics.json`` and ``metrics.md``. Returns the payload."""
+    ``metrics.json`` (with 95 % bootstrap intervals, images resampled), ``metrics.md`` and
+    ``pope_details.json`` (the parsed answer of every question). Returns the payload."""
     results = _store(store, "qkey")
     rows_in = _keyed_questions(questions, results.key)
     stored = {row[results.key]: row for row in results.rows()}
@@ -240,15 +257,19 @@ def score_pope(
         for split, m in scores["splits"].items():
             flat[f"{split}/Accuracy"] = m["Accuracy"]
             flat[f"{split}/F1"] = m["F1"]
+    intervals = pope_intervals(scores["items"], bootstrap, bootstrap_seed) if bootstrap and answered else {}
     payload = {
         "task": "pope",
         "metrics": {k: flat[k] for k in [*METRIC_NAMES, *sorted(set(flat) - set(METRIC_NAMES))] if k in flat},
+        **_intervals(intervals),
         "splits": scores["splits"],
         "settings": {"rule": rule, **(settings or {})},
         "results_file": results.path.name,
         "n_items": len(rows_in),
     }
-    write_metrics(out_dir if out_dir is not None else results.path.parent, payload)
+    out = Path(out_dir) if out_dir is not None else results.path.parent
+    write_metrics(out, payload)
+    _write_json(out / "pope_details.json", {"rule": rule, "items": scores.get("items", [])})
     return payload
 
 

@@ -38,9 +38,10 @@ RUN_FILE = "run.json"
 KINDS = {"eval-chair": ("captions.jsonl", "image_id"), "eval-pope": ("answers.jsonl", "qkey")}
 # Files and folders a run writes; only these are replaced or removed.
 OWNED = frozenset({RUN_FILE, "captions.jsonl", "answers.jsonl", "metrics.json", "metrics.md", "chair_details.json",
+                   "pope_details.json",
                    "shards"})
 # Settings that only change the scoring of stored rows: a resume may change them (metrics are recomputed).
-RESCORED_KEYS = frozenset({"rule", "gt_objects", "normaliser", "synonyms"})
+RESCORED_KEYS = frozenset({"rule", "gt_objects", "normaliser", "synonyms", "bootstrap", "bootstrap_seed"})
 
 
 def ids_digest(keys: Sequence[Any]) -> str:
@@ -255,7 +256,7 @@ def run_pope_folder(folder: RunFolder, questions: Sequence[Mapping[str, Any]],
                     answer_fn: Callable[[list[tuple[str, str]]], Any], shard: Any, batch_size: int,
                     provenance: Mapping[str, Any], image_root: str | os.PathLike[str], rule: str = "official",
                     force_new: bool = False, progress: bool = True,
-                    notify: Callable[[str], None] = _stderr) -> RunReport:
+                    notify: Callable[[str], None] = _stderr, **pope_kwargs: Any) -> RunReport:
     """Answer the `questions` not yet stored in `folder` (this process's shard), merge, score POPE (main only)."""
     from vlmscope.eval.runner import answer_questions, question_key, score_pope
 
@@ -264,6 +265,6 @@ def run_pope_folder(folder: RunFolder, questions: Sequence[Mapping[str, Any]],
                          desc=f"answers[{shard.rank}]")
 
     def score() -> dict[str, Any]:
-        return score_pope(questions, folder.results_path, rule, folder.path, folder.settings)
+        return score_pope(questions, folder.results_path, rule, folder.path, folder.settings, **pope_kwargs)
 
     return _run(folder, list(questions), question_key, work, score, shard, provenance, force_new, notify)

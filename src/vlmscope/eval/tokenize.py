@@ -10,13 +10,14 @@ What is reproduced:
   and ``--`` are split off (a comma or colon followed by a digit stays, "1,000"); ``...`` is one token;
   clitics ``'s 'm 'd 'll 're 've n't`` and a bare trailing ``'`` are split; "cannot" → "can not" and the other
   MacIntyre contractions; hyphenated words stay one token.
-- Punkt decisions for *lower-cased* text (which is what CHAIR feeds it): a period followed by whitespace ends
-  a sentence unless the word before it is a known abbreviation, a number, a single letter, or an ellipsis
-  (Punkt's orthographic heuristic never starts a sentence with a lower-case word it has seen capitalised).
+- Punkt decisions for *lower-cased* text (which is what CHAIR feeds it), as an untrained
+  ``PunktSentenceTokenizer()`` (the reference's stand-in for the English model) makes them: a period followed
+  by whitespace ends a sentence unless the word before it is a number, a single letter, or an ellipsis.
+- The Unicode quotes NLTK splits off (« “ ‘ „ » ” ’), so "person’s" gives "person", "’", "s".
 
-Not reproduced: Punkt's learned collocation list and its full abbreviation list (a short list of common
-abbreviations is used), and the handling of non-ASCII quotes/dashes. On the released LLaVA-1.5 CHAIR logs the
-token sequences are identical to NLTK's Treebank tokenizer applied to the same sentences.
+Not reproduced: the English Punkt model's learned abbreviations and collocations (pass abbreviations to
+`sent_tokenize` to approximate them). On the 12 released OPERA caption logs (6,000 captions) the token
+sequences are identical to the exact normaliser's.
 """
 
 from __future__ import annotations
@@ -25,23 +26,18 @@ import re
 
 __all__ = ["sent_tokenize", "treebank_tokenize", "word_tokenize"]
 
-# Abbreviations whose period does not end a sentence (a subset of Punkt's English model; lower case,
-# without the final period).
-ABBREVIATIONS = frozenset(
-    """
-    mr mrs ms dr st jr sr vs etc e.g i.e u.s u.k u.s.a inc co corp ltd mt ft approx dept
-    jan feb apr jun jul aug sep sept oct nov dec tue thu fri prof lt sgt capt
-    """.split()
-)
-# Deliberately absent although Punkt may know them: words that end lower-case caption sentences far more
-# often than they abbreviate ("sun", "sat", "mar", "wed", "no", "fig", "gen", "col").
+# Abbreviations whose period does not end a sentence. Empty: the reference figures were produced with an
+# untrained ``PunktSentenceTokenizer()`` standing in for the English model (see `vlmscope.eval.nltk_backend`),
+# which knows no abbreviations ("mr. smith" is split after "mr."); pass your own set to `sent_tokenize` to
+# mimic the English model.
+ABBREVIATIONS: frozenset[str] = frozenset()
 
 _CLOSERS = "\"')]}"
 _NUMBER = re.compile(r"^-?[.,]?\d[\d,.\-]*\.?$")
 _INITIAL = re.compile(r"^[^\W\d]\.$")
 
 
-def _ends_sentence(chunk: str) -> bool:
+def _ends_sentence(chunk: str, abbreviations: frozenset[str] = ABBREVIATIONS) -> bool:
     """Whether a whitespace-delimited chunk ends a sentence (Punkt's decision on lower-cased text)."""
     core = chunk.rstrip(_CLOSERS)
     if not core or core[-1] not in ".?!":
@@ -51,33 +47,54 @@ def _ends_sentence(chunk: str) -> bool:
     if core.endswith(".."):
         # An ellipsis followed by a lower-case word continues the sentence.
         return False
-    word = core[:-1].lower()
-    if not word:
+    # Punkt's word tokens break at these characters: "10:21." is judged by "21.".
+    word = re.split(r"[:;&#*@(){}\[\]\"]", core)[-1]
+    if len(word) <= 1:
         return True
-    if word in ABBREVIATIONS or word.split("-")[-1] in ABBREVIATIONS:
+    if word[:-1] in abbreviations or word[:-1].split("-")[-1] in abbreviations:
         return False
+    if chunk != core:
+        # A closing quote or bracket right after the period ("395.\"") makes it a sentence end regardless.
+        return True
     # Numbers ("395.") and initials ("a.") are only sentence ends before an upper-case word.
-    return not (_NUMBER.match(core) or _INITIAL.match(core))
+    return not (_NUMBER.match(word) or _INITIAL.match(word))
 
 
-def sent_tokenize(text: str) -> list[str]:
-    """Split lower-cased text into sentences the way Punkt does for it."""
+# A period directly followed by one of these also ends a sentence, which then starts with them ("process.;").
+_INNER_BREAK = re.compile(r"(?<=[^.\s])\.(?=[;:*@({\[])")
+# Closing quotes/brackets (then whitespace) that open a sentence go back to the previous one, as Punkt's
+# boundary realignment does ('reads " special. " the' is one sentence up to the second quote).
+_LEADING_CLOSERS = re.compile(r"^[\"')\]}]+(?:\s+|$)")
+
+
+def sent_tokenize(text: str, abbreviations: frozenset[str] = ABBREVIATIONS) -> list[str]:
+    """Split lower-cased text into sentences the way (untrained, by default) Punkt does for it."""
+    cuts: list[int] = []
+    end = len(text.rstrip())
+    for match in re.finditer(r"\S+", text):
+        chunk = match.group()
+        for inner in _INNER_BREAK.finditer(chunk):
+            cuts.append(match.start() + inner.end())
+        if _ends_sentence(chunk, abbreviations) and match.end() < end:
+            cuts.append(match.end())
     sentences: list[str] = []
     start = 0
-    for match in re.finditer(r"\S+", text):
-        if _ends_sentence(match.group()) and match.end() < len(text.rstrip()):
-            sentences.append(text[start : match.end()].strip())
-            start = match.end()
-    rest = text[start:].strip()
-    if rest:
-        sentences.append(rest)
-    return [s for s in sentences if s]
+    for cut in [*cuts, len(text)]:
+        piece = text[start:cut]
+        lead = _LEADING_CLOSERS.match(piece.lstrip())
+        if lead and sentences:
+            sentences[-1] += " " + lead.group().strip()
+            piece = piece.lstrip()[lead.end() :]
+        if piece.strip():
+            sentences.append(piece.strip())
+        start = cut
+    return sentences
 
 
 # Treebank passes, in order. Each is (pattern, replacement); the order matters (e.g. the quote rules
 # run before the clitic rules).
 _START_QUOTES = [
-    (re.compile(r"[`]+"), r" \g<0> "),
+    (re.compile(r"([«“‘„]|[`]+)"), r" \1 "),
     (re.compile(r'^"'), "``"),
     (re.compile(r"(``)"), r" \1 "),
     (re.compile(r"([ (\[{<])(\"|'')"), r"\1 `` "),
@@ -97,6 +114,7 @@ _PUNCT = [
     (re.compile(r"--"), r" -- "),
 ]
 _END_QUOTES = [
+    (re.compile(r"([»”’])"), r" \1 "),
     (re.compile(r"''"), " '' "),
     (re.compile(r'"'), " '' "),
     (re.compile(r"\s+"), " "),

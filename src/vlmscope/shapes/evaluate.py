@@ -61,7 +61,7 @@ def chair_of(captions: Sequence[str], scenes: Sequence[Scene]) -> ChairResult:
         raise ValueError(f"{len(captions)} captions for {len(scenes)} scenes")
     records = [{"image_id": i, "caption": c} for i, c in enumerate(captions)]
     gt = {i: sorted(s.categories) for i, s in enumerate(scenes)}
-    return chair_scores(records, gt, vocabulary=chair_vocabulary())
+    return chair_scores(records, gt, vocabulary=chair_vocabulary(), normaliser="builtin")
 
 
 def pope_question_set(scenes: Sequence[Scene], seed: int, splits: Sequence[str] = SPLITS) -> list[dict[str, Any]]:
