@@ -18,7 +18,8 @@ PROMPTS = ["describe this image .", "what is in the image ? is there a cat on th
 
 # Penalty neutral and rollback off: OPERA then ranks as beam search, through its own candidate forwards.
 BEAM = "beam:num_beams=3"
-OPERA_NEUTRAL = "opera:num_beams=3,penalty_weights=0,threshold=100,renormalize_candidates=false"
+# Stock beam rules: the oracle normalises sequence scores as transformers 5.x does (faithful OPERA uses 4.29's).
+OPERA_NEUTRAL = "opera:num_beams=3,penalty_weights=0,threshold=100,renormalize_candidates=false,beam_rules=stock"
 
 
 def make_image(seed: int) -> Image.Image:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +54,15 @@ def load_image(image: Any) -> Any:
     if image is None:
         raise InputError("no image given: every prompt needs an image")
     raise InputError(f"cannot use {type(image).__name__} as an image: pass a path or a PIL image")
+
+
+# COCO file names: shared by eval (image selection) and explain (localization heads on COCO boxes).
+_ID_RE = re.compile(r"(?:^|_)(\d+)(?:" + "|".join(re.escape(s) for s in IMAGE_SUFFIXES) + ")$", re.IGNORECASE)
+
+
+def parse_image_id(name: str | os.PathLike[str]) -> int:
+    """Image id from ``COCO_val2014_000000391895.jpg`` (or 2017-style ``000000391895.jpg``)."""
+    match = _ID_RE.search(Path(name).name)
+    if not match:
+        raise InputError(f"cannot read a COCO image id from {Path(name).name!r}; name files like COCO_val2014_000000123456.jpg")
+    return int(match.group(1))

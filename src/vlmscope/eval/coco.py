@@ -15,25 +15,16 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from vlmscope.errors import InputError
-from vlmscope.images import IMAGE_SUFFIXES
+from vlmscope.images import (
+    IMAGE_SUFFIXES,
+    parse_image_id,  # re-exported: eval callers import it from here
+)
 
 __all__ = ["coco_items", "list_coco_images", "parse_image_id", "read_image_ids", "select_images"]
-
-_ID_RE = re.compile(r"(?:^|_)(\d+)(?:" + "|".join(re.escape(s) for s in IMAGE_SUFFIXES) + ")$", re.IGNORECASE)
-
-
-def parse_image_id(name: str | os.PathLike[str]) -> int:
-    """Image id from ``COCO_val2014_000000391895.jpg`` (or 2017-style ``000000391895.jpg``)."""
-    match = _ID_RE.search(Path(name).name)
-    if not match:
-        raise InputError(f"cannot read a COCO image id from {Path(name).name!r}; name files like COCO_val2014_000000123456.jpg")
-    return int(match.group(1))
-
 
 def list_coco_images(data_dir: str | os.PathLike[str], order: str = "sorted") -> list[str]:
     """Image file names in `data_dir`, sorted (default) or in ``os.listdir`` order (``order="listdir"``)."""

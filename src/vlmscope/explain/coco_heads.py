@@ -62,7 +62,7 @@ def _boxes_for(image: Any, boxes: dict[str, dict[str, list[Box]]]) -> dict[str, 
     name = Path(str(image)).name
     if name in boxes:
         return boxes[name]
-    from vlmscope.eval.coco import parse_image_id
+    from vlmscope.images import parse_image_id
 
     try:
         image_id = parse_image_id(name)
