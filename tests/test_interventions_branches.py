@@ -261,10 +261,19 @@ def test_interventions_steer_neutral_opera_as_beam_search(vlm, spec):
 
 @dataclass
 class _AggregationColumn(Intervention):
-    """Pulls the last layer's attention onto one key (response token 12), so OPERA finds an aggregation
-    column there and rolls back (test_opera.py: the same construction without other interventions)."""
+    """Pulls the last layer's attention onto response token `tokens[i]` of input i (`token` for all when
+    `tokens` is empty), so OPERA finds an aggregation column there and rolls back (test_opera.py: the same
+    construction without other interventions).
 
-    key_index: int = 0
+    The key is found per row as the token-th key after the prompt (`prompt_width` keys) that the forward's last
+    query row may attend to, not at a fixed column: after a rollback in a batch, OPERA's rebuilt cache holds
+    masked gap entries before a shorter response, so the same response token sits at different columns in
+    different rows (a fixed column would pull the rows with a gap onto an earlier token than the input alone).
+    """
+
+    prompt_width: int = 0
+    token: int = 12
+    tokens: tuple[int, ...] = ()
     layer: int = 3
     bias: float = 40.0
 
@@ -272,29 +281,31 @@ class _AggregationColumn(Intervention):
         run.plan.add_edit(self.layer, self._edit)
 
     def _edit(self, logits, ctx):
-        if ctx.key_len <= self.key_index:
-            return logits
-        bump = torch.zeros(ctx.key_len, dtype=logits.dtype, device=logits.device)
-        bump[self.key_index] = self.bias
-        return logits + bump
+        # Masked keys (prompt padding, OPERA's gap entries, a candidate's sibling candidates) hold the dtype minimum.
+        visible = logits[:, 0, -1, :] > torch.finfo(logits.dtype).min
+        visible[:, : self.prompt_width] = False
+        response_index = visible.cumsum(dim=1) - 1
+        token = torch.tensor(self.tokens or (self.token,), device=logits.device)
+        token = token.repeat_interleave(logits.shape[0] // token.numel())  # inputs -> their beam rows
+        column = visible & (response_index == token[:, None])
+        return logits + self.bias * column[:, None, None, :].to(logits.dtype)
 
 
 ROLLBACK_OPERA = "opera:num_beams=2,num_attn_candidates=2,threshold=3,beam_rules=stock"
 
 
-def _opera_with_column(vlm, spec, images, prompts, n=24):
-    magnet = _AggregationColumn(key_index=vlm.encode(list(images), list(prompts)).input_ids.shape[1] + 12)
+def _opera_with_column(vlm, spec, images, prompts, n=24, tokens=()):
+    magnet = _AggregationColumn(prompt_width=vlm.encode(list(images), list(prompts)).input_ids.shape[1],
+                                tokens=tuple(tokens))
     steering = [*vlm.resolve_interventions(spec), magnet]
     return vlm.generate(list(images), list(prompts), max_new_tokens=n, decoding=ROLLBACK_OPERA,
                         interventions=steering)
 
 
 @pytest.mark.parametrize("spec", [
-    pytest.param("pai:start=0,alpha=1", marks=pytest.mark.xfail(
-        strict=True, reason="known bug: PAI in a left-padded batch decodes differently from the input alone once "
-        "OPERA rolls back (equal without rollback); remove this mark when fixed")),
-    "aai:alpha=1,warmup_steps=1", "truncate:layer=1",
-    # Mask mode keeps every key in the cache, so the column's key index stays where the magnet put it.
+    "pai:start=0,alpha=1", "aai:alpha=1,warmup_steps=1", "truncate:layer=1",
+    # Mask mode keeps every key in the cache; the physical drop shortens the prompt of later layers, so the
+    # magnet's `prompt_width` would no longer be where their responses start.
     "fastv:k=1,mode=mask,rank_per_row=true"])
 def test_interventions_run_under_opera_with_rollback(vlm, spec):
     together = _opera_with_column(vlm, spec, IMAGES, PROMPTS)
@@ -312,6 +323,41 @@ def test_interventions_run_under_opera_with_rollback(vlm, spec):
     # And the intervention acts: without it the same rollback setting decodes differently.
     unsteered = _opera_with_column(vlm, None, IMAGES, PROMPTS)
     assert [r.token_ids for r in together] != [r.token_ids for r in unsteered]
+
+
+def _rebuild_lengths(monkeypatch) -> list[list[int]]:
+    """Record, for every OPERA rebuild, the response lengths of the inputs still decoding."""
+    from vlmscope.decoding import opera
+
+    recorded: list[list[int]] = []
+    rebuild = opera._OperaSearch._rebuild
+
+    def recording(search):
+        recorded.append([s.length for s in search.samples if s.active])
+        return rebuild(search)
+
+    monkeypatch.setattr(opera._OperaSearch, "_rebuild", recording)
+    return recorded
+
+
+@pytest.mark.parametrize("spec", ["pai:start=0,alpha=1", "pai:start=0,alpha=1,edit_dtype=float32"])
+def test_pai_after_a_rollback_with_gap_entries_equals_the_input_alone(vlm, spec, monkeypatch):
+    # Regression (was a strict xfail): the inputs' columns are at different response tokens, so they roll back at
+    # different steps and the rebuilt cache of the input
+    # with the shorter response holds masked gap entries between its prompt and its response. PAI boosts the
+    # prompt's image keys of every rebuilt row; the gap must change nothing. An earlier version of this test's
+    # magnet pulled attention onto a fixed key column, which after a gap is an earlier response token than in the
+    # input run alone: the batch then rolled back differently, which looked like a PAI bug.
+    lengths = _rebuild_lengths(monkeypatch)
+    columns = (12, 15)
+    together = _opera_with_column(vlm, spec, IMAGES, PROMPTS, tokens=columns)
+    assert any(len(set(active)) > 1 for active in lengths), lengths  # some rebuild really had a gap
+    for row, result in enumerate(together):
+        alone = _opera_with_column(vlm, spec, [IMAGES[row]], [PROMPTS[row]], tokens=columns[row:row + 1])[0]
+        assert result.extras["opera"]["rollback_events"][0]["location"] == columns[row]
+        assert result.token_ids == alone.token_ids
+        assert result.sequence_score == pytest.approx(alone.sequence_score, abs=1e-4)
+        assert result.extras["opera"]["rollback_events"] == alone.extras["opera"]["rollback_events"]
 
 
 @pytest.mark.parametrize("spec", ["vcd", "pai:cfg=true"])

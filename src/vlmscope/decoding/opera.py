@@ -61,7 +61,10 @@ Interventions are applied inside every forward: their attention ops run on all c
 once per step with the chosen tokens, exactly as in `GenerationRun.advance`. A capture with rows="last" sees only
 the last candidate's row. `supports_rollback=False` interventions are refused unless rollback is impossible
 (threshold >= max_new_tokens - 10); rollback-safe interventions must not keep per-step state, since a rollback
-recomputes a response in one multi-token forward.
+recomputes a response in one multi-token forward. Nor may they find response keys by column: after a rollback
+in a batch, a row's response starts after its gap entries (masked, at the dtype minimum in the logits an edit
+sees), so response token j is at column prompt_len + j only in the row with the longest response. Prompt
+columns never move (PAI, AAI, truncation and FastV edit or mask prompt keys only).
 
 Each `Hypothesis.extras["opera"]` holds `rollbacks`, `decoding_steps` (steps including redone ones) and
 `rollback_events` (step, summary location, target, re-chosen position, banned and newly chosen
