@@ -23,6 +23,7 @@ from parity_support import (
 )
 
 from vlmscope.decoding.session import GenerationRun
+from vlmscope.errors import InputError
 from vlmscope.interventions import INTERVENTIONS
 
 FIXTURE = load_fixture("fastv")
@@ -100,4 +101,18 @@ def test_rerank_every_step_changes_the_kept_set_and_undoes_its_hooks():
     text = batch.input_ids.shape[1] - n_image
     assert all(len(k) == text + round(n_image * 0.5) for k in kept_sets)
     assert len(set(kept_sets)) > 1, "the newest token's ranking must move the kept set at least once"
+    assert not any(m._forward_pre_hooks for m in vlm.model.modules())
+
+
+def test_rerank_every_step_refuses_a_generated_image_placeholder():
+    # Fed back as ids, the placeholder would be expanded into another image: a one-line error instead.
+    vlm = parity_vlm()
+    case = FIXTURE["cases"][0]
+    batch = vlm.encode([case_image(case["index"], FIXTURE["model"]["image_size"])], [case_prompt(case["index"])])
+    placeholder = int(batch.input_ids[batch.image_mask.bool()][0])
+    spec = INTERVENTIONS.parse("fastv:k=2,rerank=every_step")
+    with torch.no_grad(), GenerationRun(vlm.model, vlm.adapter, batch, [spec]) as run:
+        run.prefill()
+        with pytest.raises(InputError, match="image placeholder token"):
+            run.advance(torch.tensor([placeholder]))
     assert not any(m._forward_pre_hooks for m in vlm.model.modules())

@@ -267,8 +267,13 @@ class GenerationRun:
         if self.inputs_embeds is not None:
             raise InputError("recomputing the full sequence needs token ids, but an intervention rewrote the "
                              "prompt embeddings: drop one of the two interventions")
-        self._generated = tokens if self._generated is None else torch.cat([self._generated, tokens], dim=1)
         batch = self.batch
+        placeholders = batch.input_ids[batch.image_mask.bool()].unique()
+        if bool(torch.isin(tokens, placeholders).any()):
+            # Fed back as ids, a generated image placeholder would be read as another image.
+            raise InputError(f"the model generated its image placeholder token {placeholders.tolist()}, which a "
+                             "full-sequence recompute would read as an image: use fastv:rerank=prefill")
+        self._generated = tokens if self._generated is None else torch.cat([self._generated, tokens], dim=1)
         prompt_positions = self.position_ids if self.position_ids is not None else self.adapter.position_ids(batch)
         steps = torch.arange(1, self._generated.shape[1] + 1, device=self.device)
         positions = torch.cat([prompt_positions, prompt_positions[..., -1:] + steps], dim=-1)
