@@ -100,6 +100,13 @@ CASES = {
     "generate unknown option": [*GEN, "--temperature", "2"],
     "generate missing prompt": GEN[:5],
     "generate bad device": [*GEN, "--device", "gpu"],
+    "generate fastv rerank with beams": [*GEN, "--intervention", "fastv:k=1,rerank=every_step", "--decoding",
+                                         "beam:num_beams=2"],
+    "generate fastv rerank with opera": [*GEN, "--intervention", "fastv:k=1,rerank=every_step", "--decoding",
+                                         "opera:num_beams=1"],
+    "generate fastv rerank with another": [*GEN, "--intervention", "fastv:k=1,rerank=every_step",
+                                           "--intervention", "pai"],
+    "generate fastv bad rerank": [*GEN, "--intervention", "fastv:rerank=always"],
     "generate absent cuda index": [*GEN, "--device", "cuda:99"],
     # explain / flow / heads
     "explain out is a file": [*EXPLAIN, "--out", "{taken.txt}"],

@@ -443,7 +443,7 @@ def test_model_state_restored_after_an_exception(vlm, baseline):
 # --- specs are immutable, state lives in the run ------------------------------------------------------------------
 
 STATEFUL = ["pai:alpha=2.0,cfg=true,gamma=2", "aai:alpha=3.0,warmup=false", "fastv:k=1,ratio=0.5",
-            "truncate:layer=2,keep=4", "vcd:alpha=1.0"]
+            "fastv:k=1,ratio=0.5,rerank=every_step", "truncate:layer=2,keep=4", "vcd:alpha=1.0"]
 
 
 def _greedy_interleaved(vlm, method, n=4):

@@ -141,6 +141,10 @@ class GenerationRun:
         self.inputs_embeds: torch.Tensor | None = None  # set by interventions that rewrite the prompt
         self.position_ids: torch.Tensor | None = None
         self.extra_forward_kwargs: dict[str, Any] = {}
+        # Set by an intervention in `prepare` (FastV's rerank=every_step): every `advance` recomputes the whole
+        # sequence (prompt + generated tokens) without a KV cache, as stock `generate(use_cache=False)` does.
+        self.recompute_full_sequence = False
+        self._generated: torch.Tensor | None = None  # [N, t] tokens fed so far (recompute mode only)
         self._stack = contextlib.ExitStack()
         self.image_tokens = batch.image_mask.sum(dim=1).tolist()
 
@@ -255,9 +259,30 @@ class GenerationRun:
         positions = self.last_positions[..., None]
         self.step += 1
         self.plan.step = self.step
+        if self.recompute_full_sequence:
+            return self._process(self._recompute(tokens), tokens.view(-1))
         logits = self._forward(input_ids=tokens, attention_mask=self.attention_mask, position_ids=positions,
                                past_key_values=self.cache)
         return self._process(logits, tokens.view(-1))
+
+    def _recompute(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One forward over the prompt and every generated token, with no cache kept between steps."""
+        if self.inputs_embeds is not None:
+            raise InputError("recomputing the full sequence needs token ids, but an intervention rewrote the "
+                             "prompt embeddings: drop one of the two interventions")
+        batch = self.batch
+        placeholders = batch.input_ids[batch.image_mask.bool()].unique()
+        if bool(torch.isin(tokens, placeholders).any()):
+            # Fed back as ids, a generated image placeholder would be read as another image.
+            raise InputError(f"the model generated its image placeholder token {placeholders.tolist()}, which a "
+                             "full-sequence recompute would read as an image: use fastv:rerank=prefill")
+        self._generated = tokens if self._generated is None else torch.cat([self._generated, tokens], dim=1)
+        prompt_positions = self.position_ids if self.position_ids is not None else self.adapter.position_ids(batch)
+        steps = torch.arange(1, self._generated.shape[1] + 1, device=self.device)
+        positions = torch.cat([prompt_positions, prompt_positions[..., -1:] + steps], dim=-1)
+        return self._forward(input_ids=torch.cat([batch.input_ids, self._generated], dim=1),
+                             attention_mask=self.attention_mask, position_ids=positions, logits_to_keep=1,
+                             **batch.model_inputs)
 
     def _process(self, logits: torch.Tensor, new_tokens: torch.Tensor | None) -> torch.Tensor:
         for state in self.states:
@@ -267,6 +292,9 @@ class GenerationRun:
     def reorder(self, index: torch.Tensor) -> None:
         """Reorder / select cache rows (beam search). `index` indexes the current rows."""
         index = index.to(self.device)
+        if self.recompute_full_sequence:
+            raise InputError("this run recomputes the full sequence at every step (fastv:rerank=every_step) and "
+                             "cannot reorder rows: use greedy or sample decoding, or fastv:rerank=prefill")
         self.cache.reorder_cache(index)
         self.attention_mask = self.attention_mask.index_select(0, index)
         dim = 1 if self.last_positions.dim() == 2 else 0

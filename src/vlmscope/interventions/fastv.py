@@ -12,6 +12,13 @@ port): every later token sees the same pruned set. Saves prefill compute and KV-
 `mode=mask`: the same selection as a dtype-min mask on the dropped image keys for layers ≥ k; no speed-up,
 it is the correctness reference of the drop mode.
 
+`rerank=prefill` (default) ranks once, as above. `rerank=every_step` is the reference's `use_cache=False` path
+(its `demo-hf.py`): every decode step recomputes the whole sequence (prompt + generated tokens) with no KV cache
+(`GenerationRun.recompute_full_sequence`) and re-ranks the image tokens on the newest token's attention at layer
+k−1, so the kept set may change from step to step; layers ≥ k see every text and generated token and the kept
+image tokens at their original positions. No speed-up (each step costs a prefill); it runs with greedy and
+sample decoding and no other intervention.
+
 `rank_per_row=false` (default, reference): batch row 0's ranking (in image-token order) is used for every row,
 as the reference assumes batch size 1. `rank_per_row=true` ranks every row on its own attention (the fix for
 batches). Both modes update `plan.layer_image_masks` for layers ≥ k so other operations see only the kept image
@@ -48,6 +55,7 @@ class FastV(Intervention):
     ratio: float = 0.5
     mode: Literal["drop", "mask"] = "drop"
     rank_per_row: bool = False
+    rerank: Literal["prefill", "every_step"] = "prefill"
 
     repeatable = False
     conflicts_with = ("truncate",)
@@ -57,6 +65,18 @@ class FastV(Intervention):
             raise ValueError("k must be >= 1: the ranking uses the attention of layer k-1")
         if not 0.0 <= self.ratio <= 1.0:
             raise ValueError("ratio (the fraction of image tokens dropped) must be in [0, 1]")
+        if self.rerank not in ("prefill", "every_step"):
+            raise ValueError("rerank must be 'prefill' (rank once) or 'every_step' (the reference's "
+                             "use_cache=False path)")
+
+    @property
+    def supports_beams(self) -> bool:  # type: ignore[override]
+        # Re-ranking recomputes the sequence without a cache; beam reorders would need one.
+        return self.rerank == "prefill"
+
+    @property
+    def supports_rollback(self) -> bool:  # type: ignore[override]
+        return self.rerank == "prefill"
 
     def conflict(self, other: Intervention, adapter: Adapter) -> str | None:
         if other.keep > 0 and other.layer < adapter.num_layers:  # type: ignore[attr-defined]
@@ -85,6 +105,7 @@ class _FastVRun(InterventionState):
         self._keep_idx: torch.Tensor | None = None  # [N, P'] kept positions, ascending (drop mode)
         self._dropped: torch.Tensor | None = None  # bool [N, P]: dropped image positions (mask mode)
         self._prompt_len = 0
+        self._full_len = 0  # the sequence length of the last ranked forward (the prompt, or prompt + t)
         self._depth = 0
         self.kept_image_tokens: list[int] | None = None
 
@@ -105,9 +126,18 @@ class _FastVRun(InterventionState):
         if (self.mode == "drop" or not self.rank_per_row) and not bool((counts == counts[0]).all()):
             raise InputError("fastv: the rows have different numbers of image tokens; use fastv:mode=mask,"
                              "rank_per_row=true or one input at a time")
+        if self.rerank == "every_step":
+            others = [i.name for i in run.interventions if i is not self.spec]
+            if others:
+                raise InputError(f"fastv:rerank=every_step recomputes the sequence at every step and runs alone, "
+                                 f"not with {', '.join(others)}: drop them or use fastv:rerank=prefill")
+            run.recompute_full_sequence = True
         self._reset()
 
     def setup(self, run: GenerationRun) -> None:
+        if self.rerank == "every_step" and run.num_beams > 1:
+            raise InputError("fastv:rerank=every_step recomputes the sequence without a KV cache and cannot "
+                             "follow beams: use greedy or sample decoding, or fastv:rerank=prefill")
         if self._run is not run:
             self._run = run
             self._plan = run.plan
@@ -126,6 +156,8 @@ class _FastVRun(InterventionState):
 
     def process_logits(self, logits: torch.Tensor, run: GenerationRun, new_tokens: torch.Tensor | None
                        ) -> torch.Tensor:
+        if self.rerank == "every_step":
+            return logits  # the capture stays: every forward re-ranks
         if new_tokens is None and self._capture is not None:
             remove_capture(run.plan, self.k - 1, self._capture)  # ranked once per prefill
             self._capture = None
@@ -152,7 +184,8 @@ class _FastVRun(InterventionState):
     def _rank(self, plan: AttentionPlan) -> None:
         if self._capture is None or not self._capture.records:
             raise RuntimeError("fastv: the attention of layer k-1 was not captured in this prefill")
-        scores = self._capture.records[-1][:, 0, -1, :].float()  # [N, P]
+        scores = self._capture.records[-1][:, 0, -1, :].float()  # [N, L]: L = P, or P + t when re-ranking
+        self._capture.clear()  # only this forward's row is needed (re-ranking would otherwise pile them up)
         image = plan.image_keys(self.k - 1, scores.shape[1], scores.device)
         n = scores.shape[0]
         keep = ~image
@@ -178,9 +211,11 @@ class _FastVRun(InterventionState):
         if self.mode == "drop":
             self._keep_idx = keep.nonzero()[:, 1].view(n, -1)
             kept_image = image.gather(1, self._keep_idx)
+            # The kept prompt positions (generated tokens, all kept, sort after them); equal in every row.
+            prompt_kept = self._keep_idx[:, : int(keep[0, : self._prompt_len].sum())]
             for layer in image_layers:
                 plan.layer_image_masks[layer] = kept_image
-                set_key_positions(plan, layer, self._keep_idx)
+                set_key_positions(plan, layer, prompt_kept)
         else:
             self._dropped = image & ~keep
             for layer in image_layers:
@@ -209,15 +244,17 @@ class _FastVRun(InterventionState):
         if plan is None or plan is not self._plan:
             return None  # a branch forward (VCD, CFG) or a foreign call: leave it alone
         hidden = args[0] if args else kwargs["hidden_states"]
-        prefill = plan.step == 0 and hidden.shape[1] > 1
+        # A full-sequence forward: the prefill, or with rerank=every_step every forward.
+        prefill = hidden.shape[1] > 1 and (plan.step == 0 or self.rerank == "every_step")
         if prefill and layer == self.k:
+            self._full_len = hidden.shape[1]
             self._rank(plan)
         if self.mode != "drop":
             return None
         idx = self._keep_idx
         if idx is None:
             raise RuntimeError("fastv: no kept-token index (the prefill did not reach layer k)")
-        full = self._prompt_len
+        full = self._full_len
         idx = idx.to(hidden.device)
         mask = kwargs.get("attention_mask")
         if prefill:
