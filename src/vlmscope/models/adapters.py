@@ -325,3 +325,5 @@ def adapter_for(model: Any, processor: Any) -> Adapter:
         f"unsupported model type {model_type!r}: vlmscope supports {supported} "
         "(LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL)"
     )
+
+import vlmscope.models.families_seed  # noqa: E402, F401  (registers InstructBLIP in ADAPTERS)

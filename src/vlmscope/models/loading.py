@@ -12,7 +12,8 @@ from vlmscope.errors import InputError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
-BUILTIN_TINY = {"tiny-llava": "llava", "tiny-llava-next": "llava-next", "tiny-qwen2-vl": "qwen2-vl"}
+BUILTIN_TINY = {"tiny-llava": "llava", "tiny-llava-next": "llava-next", "tiny-qwen2-vl": "qwen2-vl",
+                "tiny-instructblip": "instructblip", "tiny-shikra": "shikra"}
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
 
 

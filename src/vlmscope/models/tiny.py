@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llava", "llava-next", "qwen2-vl")
+ARCHS = ("llava", "llava-next", "qwen2-vl", "instructblip", "shikra")
 
 WORDS = (
     "USER ASSISTANT : user assistant system what is in the image ? a an cat dog red blue green "
@@ -255,7 +255,13 @@ def image_only_qwen_processor(base: type) -> type:
     return ImageOnlyProcessor
 
 
-BUILDERS = {"llava": build_llava, "llava-next": build_llava_next, "qwen2-vl": build_qwen2_vl}
+def _seed_builders() -> dict[str, Any]:
+    from vlmscope.models.tiny_seed import build_instructblip, build_shikra
+
+    return {"instructblip": build_instructblip, "shikra": build_shikra}
+
+
+BUILDERS = {"llava": build_llava, "llava-next": build_llava_next, "qwen2-vl": build_qwen2_vl, **_seed_builders()}
 
 
 def build_tiny(arch: str, seed: int = 0, **kwargs: Any) -> tuple[Any, Any]:
