@@ -171,8 +171,8 @@ class Branch:
         self.last_positions = self.last_positions + 1
         with self._stock():
             out = model_forward(self.model, input_ids=tokens, attention_mask=self.attention_mask,
-                             position_ids=self.last_positions[..., None], past_key_values=self.cache,
-                             use_cache=True, return_dict=True)
+                                position_ids=self.last_positions[..., None], past_key_values=self.cache,
+                                use_cache=True, return_dict=True)
         self.forwards += 1
         return out.logits[:, -1, :].float()
 
