@@ -72,6 +72,11 @@ class Adapter:
             image_token_id = getattr(config, "image_token_index", None)
         self.image_token_id = image_token_id
 
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        """Whether this adapter handles `model` among those of its `model_types` (a variant may claim some)."""
+        return True
+
     # --- structure -------------------------------------------------------------------------------------
     @property
     def text_config(self) -> Any:
@@ -318,7 +323,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAd
 def adapter_for(model: Any, processor: Any) -> Adapter:
     model_type = getattr(model.config, "model_type", None)
     for cls in ADAPTERS:
-        if model_type in cls.model_types:
+        if model_type in cls.model_types and cls.accepts(model):
             return cls(model, processor)
     supported = ", ".join(t for cls in ADAPTERS for t in cls.model_types)
     raise UnsupportedModelError(

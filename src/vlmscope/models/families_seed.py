@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from vlmscope.errors import InputError
-from vlmscope.models.adapters import Adapter, Batch, ImageGrid
+from vlmscope.models.adapters import Adapter, Batch, ImageGrid, LlavaAdapter
 
 
 def has_qformer(model: Any) -> bool:
@@ -134,7 +134,48 @@ class InstructBlipAdapter(Adapter):
         return mean[:, :, 1:]
 
 
-SEED_ADAPTERS: tuple[type[Adapter], ...] = (InstructBlipAdapter,)
+class ShikraAdapter(LlavaAdapter):
+    """Shikra converted to stock LLaVA (`vlmscope convert shikra`): pads images to a square with Shikra's
+    colour (white, its `Expand2square`) before the stock processor, whose own padding colour differs."""
+
+    family = "shikra"
+    model_types = ("llava",)
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        return getattr(model.config, "shikra_pad_color", None) is not None
+
+    def encode(self, images: list[Any], prompts: list[str], device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = None) -> Batch:
+        color = tuple(int(c) for c in self.model.config.shikra_pad_color)
+        batch = super().encode([expand_to_square(im, color) for im in images], prompts, device, dtype)
+        batch.image_sizes = [tuple(im.size) for im in images]
+        return batch
+
+    def image_grids(self, batch: Batch, row: int) -> list[ImageGrid]:
+        # The grid covers the padded square, centred on the original image (overlays clip to the image).
+        grid = super().image_grids(batch, row)[0]
+        width, height = batch.image_sizes[row]
+        side = max(width, height)
+        dx, dy = (side - width) / 2 / width, (side - height) / 2 / height
+        return [ImageGrid(grid.name, grid.offset, grid.height, grid.width, grid.row_stride,
+                          (-dx, -dy, 1 + dx, 1 + dy))]
+
+
+def expand_to_square(image: Any, color: tuple[int, ...]) -> Any:
+    """The image centred on a square of `color` (Shikra's and LLaVA's expand2square)."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), color)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+SEED_ADAPTERS: tuple[type[Adapter], ...] = (InstructBlipAdapter, ShikraAdapter)
 
 
 def _register() -> None:
@@ -142,7 +183,9 @@ def _register() -> None:
     # adapters.py imports this module at its end, whichever of the two is imported first.
     from vlmscope.models import adapters
 
-    adapters.ADAPTERS = (*(a for a in adapters.ADAPTERS if a not in SEED_ADAPTERS), *SEED_ADAPTERS)
+    # Variants that claim some models of a shared model type (Shikra among LLaVA) come before the others.
+    adapters.ADAPTERS = (ShikraAdapter, *(a for a in adapters.ADAPTERS if a not in SEED_ADAPTERS),
+                         InstructBlipAdapter)
 
 
 _register()

@@ -91,6 +91,7 @@ def build_shikra(seed: int = 0, image_size: int = 32, patch_size: int = 8, scale
                                      num_attention_heads=4, image_size=image_size, patch_size=patch_size)
     config = shikra_llava_config(vision_config, _text_config(tokenizer),
                                  tokenizer.convert_tokens_to_ids("<im_patch>"), (image_size // patch_size) ** 2)
+    config.shikra_pad_color = [255, 255, 255]  # Shikra's Expand2square colour (see models.convert.shikra)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     _scale_weights(model, scale, tokenizer)

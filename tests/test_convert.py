@@ -1,0 +1,142 @@
+"""`vlmscope convert shikra` against the original Shikra code (fixture from tools/convert_parity/shikra_parity.py).
+
+The fixture holds the original model's state-dict layout (names, shapes), its inputs and its outputs (logits of
+every prompt position, 8 greedy tokens) on weights regenerated here from the names; the converted stock LLaVA
+checkpoint must give the same logits (1e-4) and tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmscope.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "data" / "convert" / "shikra.json"
+sys.path.insert(0, str(ROOT / "tools" / "convert_parity"))
+from seeded import seeded_state_dict, seeded_tensor  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    return json.loads(FIXTURE.read_text())
+
+
+def write_original_checkpoint(fixture: dict, root: Path) -> tuple[Path, Path]:
+    """A merged Shikra checkpoint folder (config, weights in its layout, tokenizer) and a CLIP folder."""
+    from vlmscope.models.tiny import build_tokenizer
+
+    shikra, clip = root / "shikra", root / "clip"
+    shikra.mkdir(parents=True)
+    clip.mkdir()
+    config = dict(fixture["shikra_config"], mm_vision_tower="openai/clip-vit-large-patch14")
+    (shikra / "config.json").write_text(json.dumps(config))
+    torch.save(seeded_state_dict(fixture["shikra_shapes"]), shikra / "pytorch_model.bin")
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["<im_patch>", "<im_start>", "<im_end>"], special_tokens=True)
+    assert tokenizer.convert_tokens_to_ids(["<im_patch>", "<im_start>", "<im_end>"]) == [62, 63, 64]
+    tokenizer.save_pretrained(shikra)
+    (clip / "config.json").write_text(json.dumps(fixture["clip_config"]))
+    torch.save(seeded_state_dict(fixture["clip_shapes"]), clip / "pytorch_model.bin")
+    return shikra, clip
+
+
+@pytest.fixture(scope="module")
+def converted(fixture, tmp_path_factory):
+    from vlmscope.cli import main
+
+    root = tmp_path_factory.mktemp("shikra")
+    shikra, clip = write_original_checkpoint(fixture, root)
+    out = root / "stock"
+    assert main(["convert", "shikra", "--checkpoint", str(shikra), "--vision-tower", str(clip),
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_converted_shikra_equals_the_original_code(fixture, converted):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(converted).eval()  # stock class, stock loading
+    ids = torch.tensor([fixture["prompt_ids"]])
+    pixel_values = seeded_tensor("pixel_values", [1, 3, 32, 32])
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=pixel_values).logits[0]
+        greedy = model.generate(input_ids=ids, pixel_values=pixel_values, do_sample=False,
+                                max_new_tokens=len(fixture["greedy_tokens"]))[0, ids.shape[1]:]
+    expected = torch.tensor(fixture["logits"])
+    assert (logits - expected).abs().max().item() < 1e-4
+    assert greedy.tolist() == fixture["greedy_tokens"]
+
+
+def test_converted_shikra_loads_in_vlmscope_with_its_template(fixture, converted):
+    import vlmscope
+
+    vlm = vlmscope.load(str(converted))
+    assert vlm.adapter.family == "shikra"
+    text = vlm.adapter.render_prompt("what is in the image ?")
+    assert text.endswith("USER: <im_start><im_patch><im_end> what is in the image ? ASSISTANT:")
+    from PIL import Image
+
+    batch = vlm.encode([Image.new("RGB", (40, 24), (10, 200, 30))], ["what is in the image ?"])
+    assert int(batch.image_mask.sum()) == 16
+    # The <im_patch> run sits between <im_start> and <im_end>, as Shikra's forward requires.
+    ids = batch.input_ids[0].tolist()
+    start = ids.index(63)
+    assert ids[start + 1:start + 17] == [62] * 16 and ids[start + 17] == 64
+
+
+def test_shikra_adapter_pads_white_like_expand2square(tiny_shikra_vlm):
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 24), (10, 200, 30))
+    square = Image.new("RGB", (40, 40), (255, 255, 255))
+    square.paste(image, (0, 8))  # Shikra's expand2square: centred, white
+    batch = tiny_shikra_vlm.encode([image], ["what ?"])
+    stock = tiny_shikra_vlm.processor(images=[square], text=[tiny_shikra_vlm.adapter.render_prompt("what ?")],
+                                      return_tensors="pt")
+    assert torch.equal(batch.model_inputs["pixel_values"], stock["pixel_values"])
+    assert batch.image_sizes == [(40, 24)]
+    grid = tiny_shikra_vlm.adapter.image_grids(batch, 0)[0]
+    assert grid.region == pytest.approx((0.0, -8 / 24, 1.0, 1 + 8 / 24))
+
+
+@pytest.fixture(scope="module")
+def tiny_shikra_vlm():
+    import vlmscope
+
+    return vlmscope.load("tiny-shikra")
+
+
+def test_convert_refuses_bad_inputs_and_writes_nothing(fixture, tmp_path, capsys):
+    from vlmscope.cli import main
+
+    shikra, clip = write_original_checkpoint(fixture, tmp_path / "orig")
+    out = tmp_path / "out"
+    cases = [
+        ["--checkpoint", str(tmp_path / "missing"), "--vision-tower", str(clip)],
+        ["--checkpoint", str(clip), "--vision-tower", str(clip)],  # a CLIP config is no Shikra config
+        ["--checkpoint", str(shikra)],  # mm_vision_tower names a hub id, not a folder here
+        ["--checkpoint", str(shikra), "--vision-tower", str(shikra)],  # no vision_model tensors
+    ]
+    for extra in cases:
+        assert main(["convert", "shikra", *extra, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1
+        assert not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["convert", "shikra", "--checkpoint", str(shikra), "--vision-tower", str(clip),
+                 "--out", str(out)]) == 2
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_map_rejects_unknown_tensors():
+    from vlmscope.models.convert.shikra import map_shikra_state_dict
+
+    with pytest.raises(InputError):
+        map_shikra_state_dict({"model.mm_projector.weight": torch.zeros(2, 2), "extra.weight": torch.zeros(1)}, {})
