@@ -116,27 +116,43 @@ def test_carry_queries_to_patches_by_hand():
         carry_queries_to_patches(query_maps, query_patch[:1])
 
 
-def test_instructblip_explain_maps_equal_hand_carry_of_stock_attention(tiny_instructblip, images):
+@pytest.fixture(scope="module")
+def tiny_minigpt4():
+    import vlmscope
+
+    return vlmscope.load("tiny-minigpt4")
+
+
+@pytest.mark.parametrize("arch", ["instructblip", "minigpt4"])
+def test_qformer_explain_maps_equal_hand_carry_of_stock_attention(arch, request, images):
     """Step 0, one layer: stock eager LM attention of the last prompt row to the queries, carried through
     stock eager Q-Former cross-attentions (mean over layers and heads, CLS dropped), by explicit loops."""
     from vlmscope.models.tiny import build_tiny
 
-    vlm = tiny_instructblip
+    vlm = request.getfixturevalue(f"tiny_{arch}")
     layer = 2
     result = vlm.explain(images[1], PROMPT, layers=[layer], max_new_tokens=1)
     side = vlm.model.config.vision_config.image_size // vlm.model.config.vision_config.patch_size
     assert result.maps.shape == (1, 1, vlm.adapter.num_heads, side, side)
 
-    oracle, _ = build_tiny("instructblip")  # the same seed: the same weights, eager everywhere
+    oracle, _ = build_tiny(arch)  # the same seed: the same weights, eager everywhere
     oracle.set_attn_implementation("eager")
-    inputs = _stock_inputs(vlm, images[1], PROMPT)
+    inputs = _stock_inputs(vlm, images[1], vlm.adapter.render_prompt(PROMPT))
+    feature_args = {k: inputs[k] for k in ("qformer_input_ids", "qformer_attention_mask") if k in inputs}
     with torch.no_grad():
         lm = oracle(**inputs, output_attentions=True).language_model_outputs.attentions[layer][0, :, -1]
-        cross = oracle.get_image_features(inputs["pixel_values"], inputs["qformer_input_ids"],
-                                          inputs["qformer_attention_mask"],
-                                          output_attentions=True).qformer_outputs.cross_attentions
+        if arch == "instructblip":
+            cross = oracle.get_image_features(inputs["pixel_values"], **feature_args,
+                                              output_attentions=True).qformer_outputs.cross_attentions
+        else:  # stock BLIP-2 does not pass output_attentions on to its Q-Former: call it as the model does
+            embeds = oracle.vision_model(inputs["pixel_values"]).last_hidden_state
+            cross = oracle.qformer(query_embeds=oracle.query_tokens.expand(1, -1, -1), encoder_hidden_states=embeds,
+                                   encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long),
+                                   output_attentions=True).cross_attentions
+    query_positions = (inputs["input_ids"][0] == oracle.config.image_token_id).nonzero().flatten().tolist()
     q = oracle.config.num_query_tokens
-    to_queries = lm[:, :q].numpy()  # [heads, queries]: the queries are the first q positions
+    assert len(query_positions) == q
+    to_queries = lm[:, query_positions].numpy()  # [heads, queries]
     mean_cross = sum(c[0].mean(dim=0) for c in cross).numpy() / len(cross)  # [queries, 1 + patches]
     heads, patches = to_queries.shape[0], side * side
     expected = np.zeros((heads, patches))
@@ -145,6 +161,21 @@ def test_instructblip_explain_maps_equal_hand_carry_of_stock_attention(tiny_inst
             expected[h, p] = sum(to_queries[h, j] * mean_cross[j, 1 + p] for j in range(q))
     assert result.maps[0, 0].reshape(heads, patches) == pytest.approx(expected, abs=1e-5)
     assert result.grids[0].name == "image" and result.grids[0].region == (0.0, 0.0, 1.0, 1.0)
+
+
+def test_minigpt4_prompt_and_generate_equal_stock(tiny_minigpt4, images):
+    vlm = tiny_minigpt4
+    text = vlm.adapter.render_prompt(PROMPT)
+    q = vlm.model.config.num_query_tokens
+    assert text == f"###Human: <Img>{'<image>' * q}</Img> {PROMPT} ###Assistant:"  # OPERA's MiniGPT-4 template
+    batch = vlm.encode([images[0]], [PROMPT])
+    stock_inputs = _stock_inputs(vlm, images[0], text)
+    assert torch.equal(batch.input_ids, stock_inputs["input_ids"])
+    with torch.no_grad():
+        stock = vlm.model.generate(**stock_inputs, max_new_tokens=6, do_sample=False, num_beams=2)
+    ours = vlm.generate(images[0], PROMPT, max_new_tokens=6, decoding="beam:num_beams=2")
+    tail = stock[0, stock_inputs["input_ids"].shape[1]:].tolist()
+    assert ours.token_ids == tail[: len(ours.token_ids)] and len(ours.token_ids) >= 1
 
 
 def test_shikra_projector_is_one_linear_map(tiny_shikra, images):
@@ -173,7 +204,7 @@ def make_blank():
     return Image.new("RGB", (40, 30), "red")
 
 
-@pytest.mark.parametrize("arch", ["instructblip", "shikra"])
+@pytest.mark.parametrize("arch", ["instructblip", "minigpt4", "shikra"])
 def test_cli_tiny_model_generate_opera_pai_and_explain(arch, tmp_path, image_file, capsys):
     from transformers import AutoModelForImageTextToText
 
@@ -187,7 +218,7 @@ def test_cli_tiny_model_generate_opera_pai_and_explain(arch, tmp_path, image_fil
     for extra in (["--decoding", "opera:num_beams=2"], ["--intervention", "pai:alpha=0.5"]):
         assert main(["generate", *base, *extra, "--json"]) == 0
         row = json.loads(capsys.readouterr().out)
-        assert row["token_ids"] and row["image_tokens"] == (8 if arch == "instructblip" else 16)
+        assert row["token_ids"] and row["image_tokens"] == (16 if arch == "shikra" else 8)
     out = tmp_path / "explain"
     assert main(["explain", *base, "--layers", "1", "--out", str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -33,17 +33,18 @@ def model_forward(model: Any, **kwargs: Any) -> Any:
     return model(**kwargs)
 
 
-class InstructBlipAdapter(Adapter):
-    """InstructBLIP with a decoder-only language model (Vicuna): queries before the prompt, left padding."""
+class QFormerAdapter(Adapter):
+    """Models whose language model reads Q-Former queries (BLIP-2, InstructBLIP): the queries are the image
+    span; explain carries their columns to the ViT patches through the Q-Former's cross-attention."""
 
-    family = "instructblip"
-    model_types = ("instructblip",)
+    family = "qformer"
+    feature_inputs: tuple[str, ...] = ("pixel_values",)  # what `get_image_features` takes from the batch
 
     def __init__(self, model: Any, processor: Any) -> None:
         super().__init__(model, processor)
         if not getattr(model.config, "use_decoder_only_language_model", True):
-            raise InputError("InstructBLIP with an encoder-decoder language model (Flan-T5) is not supported: "
-                             "use a Vicuna checkpoint (e.g. Salesforce/instructblip-vicuna-7b)")
+            raise InputError(f"{type(model).__name__} with an encoder-decoder language model (Flan-T5) is not "
+                             "supported: use a checkpoint with a decoder-only language model (Vicuna, LLaMA)")
 
     @property
     def num_queries(self) -> int:
@@ -51,6 +52,87 @@ class InstructBlipAdapter(Adapter):
 
     def vision_tower(self) -> torch.nn.Module:
         return self.model.vision_model
+
+    def decoder(self) -> torch.nn.Module:
+        # Stock BLIP-2's get_decoder() returns the whole causal LM (InstructBLIP's its decoder); take the decoder.
+        return self.model.language_model.get_decoder()
+
+    def image_grids(self, batch: Batch, row: int) -> list[ImageGrid]:
+        """The query tokens as one row (they have no spatial layout); see `patch_grid` for the image."""
+        n = int(batch.image_mask[row].sum())
+        if n != self.num_queries:
+            raise InputError(f"{n} image tokens in the prompt, expected the {self.num_queries} query tokens")
+        return [ImageGrid("queries", 0, 1, n, n)]
+
+    def patch_grid(self) -> ImageGrid:
+        """The ViT patch grid the queries cross-attend to (the image is resized to a square, not cropped)."""
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return ImageGrid("image", 0, side, side, side)
+
+    @torch.no_grad()
+    def query_patch_attention(self, batch: Batch) -> torch.Tensor:
+        """[B, queries, patches]: each query's cross-attention to the ViT patches, mean over the Q-Former's
+        cross-attention layers and heads; the CLS column is dropped (not renormalised: a row sums to 1 minus
+        the query's attention to CLS).
+
+        Computed from the queries and keys each cross-attention module receives (so it does not depend on the
+        Q-Former's attention implementation): softmax(q kᵀ · scaling) over the image embeddings, which the
+        stock model never masks.
+        """
+        inputs = {k: batch.model_inputs[k] for k in self.feature_inputs}
+        probs: list[torch.Tensor] = []
+
+        def record(module: Any, args: tuple, kwargs: dict) -> None:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            encoder = kwargs["encoder_hidden_states"]
+            heads, size = module.num_attention_heads, module.attention_head_size
+            query = module.query(hidden).view(*hidden.shape[:-1], heads, size).transpose(1, 2)
+            # The Q-Former may be kept in float32 under a half-precision vision tower (BLIP-2).
+            encoder = encoder.to(module.key.weight.dtype)
+            key = module.key(encoder).view(*encoder.shape[:-1], heads, size).transpose(1, 2)
+            scores = (query @ key.transpose(-1, -2)).float() * module.scaling
+            probs.append(torch.softmax(scores, dim=-1))
+
+        handles = [layer.crossattention.attention.register_forward_pre_hook(record, with_kwargs=True)
+                   for layer in self.model.qformer.encoder.layer if getattr(layer, "has_cross_attention", False)]
+        try:
+            self.model.get_image_features(**inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not probs:
+            raise InputError("this Q-Former has no cross-attention layers")
+        mean = torch.stack(probs).mean(dim=(0, 2))  # [B, queries, 1 + patches]
+        return mean[:, :, 1:]
+
+
+class Blip2Adapter(QFormerAdapter):
+    """BLIP-2 with a decoder-only language model: MiniGPT-4 as `vlmscope convert minigpt4` writes it (its chat
+    template places the query tokens inside `<Img>...</Img>`), or the stock BLIP-2 OPT checkpoints."""
+
+    family = "blip2"
+    model_types = ("blip-2",)
+
+    def render_prompt(self, prompt: str, with_image: bool = True) -> str:
+        """The chat template of the processor, else the tokenizer's (a loaded Blip2Processor loses its own)."""
+        if getattr(self.processor, "chat_template", None) is not None:
+            return super().render_prompt(prompt, with_image)
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise InputError("neither the processor nor the tokenizer has a chat template: save one with the "
+                             "model (vlmscope convert minigpt4 writes MiniGPT-4's)")
+        content: list[dict[str, str]] = [{"type": "image"}] if with_image else []
+        content.append({"type": "text", "text": prompt})
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                  add_generation_prompt=True, tokenize=False)
+
+
+class InstructBlipAdapter(QFormerAdapter):
+    """InstructBLIP with a decoder-only language model (Vicuna): queries before the prompt, left padding."""
+
+    family = "instructblip"
+    model_types = ("instructblip",)
+    feature_inputs = ("pixel_values", "qformer_input_ids", "qformer_attention_mask")
 
     def render_prompt(self, prompt: str, with_image: bool = True) -> str:
         """The question itself (LAVIS and OPERA's `<ImageHere><question>`); a saved chat template wins."""
@@ -86,52 +168,6 @@ class InstructBlipAdapter(Adapter):
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         return Batch(input_ids, attention_mask, model_inputs, input_ids == self.image_token_id,
                      [tuple(im.size) for im in images], list(prompts))
-
-    def image_grids(self, batch: Batch, row: int) -> list[ImageGrid]:
-        """The query tokens as one row (they have no spatial layout); see `patch_grid` for the image."""
-        n = int(batch.image_mask[row].sum())
-        if n != self.num_queries:
-            raise InputError(f"{n} image tokens in the prompt, expected the {self.num_queries} query tokens")
-        return [ImageGrid("queries", 0, 1, n, n)]
-
-    def patch_grid(self) -> ImageGrid:
-        """The ViT patch grid the queries cross-attend to (the image is resized to a square, not cropped)."""
-        vision = self.model.config.vision_config
-        side = vision.image_size // vision.patch_size
-        return ImageGrid("image", 0, side, side, side)
-
-    @torch.no_grad()
-    def query_patch_attention(self, batch: Batch) -> torch.Tensor:
-        """[B, queries, patches]: each query's cross-attention to the ViT patches, mean over the Q-Former's
-        cross-attention layers and heads; the CLS column is dropped (not renormalised: a row sums to 1 minus
-        the query's attention to CLS).
-
-        Computed from the queries and keys each cross-attention module receives (so it does not depend on the
-        Q-Former's attention implementation): softmax(q kᵀ · scaling) over the image embeddings, which the
-        stock model never masks.
-        """
-        inputs = {k: batch.model_inputs[k] for k in ("pixel_values", "qformer_input_ids", "qformer_attention_mask")}
-        probs: list[torch.Tensor] = []
-
-        def record(module: Any, args: tuple, kwargs: dict) -> None:
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            encoder = kwargs["encoder_hidden_states"]
-            heads, size = module.num_attention_heads, module.attention_head_size
-            query = module.query(hidden).view(*hidden.shape[:-1], heads, size).transpose(1, 2)
-            key = module.key(encoder).view(*encoder.shape[:-1], heads, size).transpose(1, 2)
-            probs.append(torch.softmax((query @ key.transpose(-1, -2)).float() * module.scaling, dim=-1))
-
-        handles = [layer.crossattention.attention.register_forward_pre_hook(record, with_kwargs=True)
-                   for layer in self.model.qformer.encoder.layer if getattr(layer, "has_cross_attention", False)]
-        try:
-            self.model.get_image_features(**inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if not probs:
-            raise InputError("this Q-Former has no cross-attention layers")
-        mean = torch.stack(probs).mean(dim=(0, 2))  # [B, queries, 1 + patches]
-        return mean[:, :, 1:]
 
 
 class ShikraAdapter(LlavaAdapter):
@@ -175,7 +211,7 @@ def expand_to_square(image: Any, color: tuple[int, ...]) -> Any:
     return square
 
 
-SEED_ADAPTERS: tuple[type[Adapter], ...] = (InstructBlipAdapter, ShikraAdapter)
+SEED_ADAPTERS: tuple[type[Adapter], ...] = (InstructBlipAdapter, Blip2Adapter, ShikraAdapter)
 
 
 def _register() -> None:
@@ -185,7 +221,7 @@ def _register() -> None:
 
     # Variants that claim some models of a shared model type (Shikra among LLaVA) come before the others.
     adapters.ADAPTERS = (ShikraAdapter, *(a for a in adapters.ADAPTERS if a not in SEED_ADAPTERS),
-                         InstructBlipAdapter)
+                         InstructBlipAdapter, Blip2Adapter)
 
 
 _register()

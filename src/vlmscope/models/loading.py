@@ -13,7 +13,7 @@ from vlmscope.errors import InputError, UnsupportedModelError
 log = logging.getLogger(__name__)
 
 BUILTIN_TINY = {"tiny-llava": "llava", "tiny-llava-next": "llava-next", "tiny-qwen2-vl": "qwen2-vl",
-                "tiny-instructblip": "instructblip", "tiny-shikra": "shikra"}
+                "tiny-instructblip": "instructblip", "tiny-minigpt4": "minigpt4", "tiny-shikra": "shikra"}
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
 
 

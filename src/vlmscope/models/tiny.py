@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llava", "llava-next", "qwen2-vl", "instructblip", "shikra")
+ARCHS = ("llava", "llava-next", "qwen2-vl", "instructblip", "minigpt4", "shikra")
 
 WORDS = (
     "USER ASSISTANT : user assistant system what is in the image ? a an cat dog red blue green "
@@ -256,9 +256,9 @@ def image_only_qwen_processor(base: type) -> type:
 
 
 def _seed_builders() -> dict[str, Any]:
-    from vlmscope.models.tiny_seed import build_instructblip, build_shikra
+    from vlmscope.models.tiny_seed import build_instructblip, build_minigpt4, build_shikra
 
-    return {"instructblip": build_instructblip, "shikra": build_shikra}
+    return {"instructblip": build_instructblip, "minigpt4": build_minigpt4, "shikra": build_shikra}
 
 
 BUILDERS = {"llava": build_llava, "llava-next": build_llava_next, "qwen2-vl": build_qwen2_vl, **_seed_builders()}

@@ -41,6 +41,63 @@ SHIKRA_TEMPLATE = (
 )
 
 
+MINIGPT4_WORDS = ("#", "<", ">", "/", "Img", "Human", "Assistant")
+
+
+def minigpt4_template(num_query_tokens: int) -> str:
+    """OPERA's MiniGPT-4 prompt, `###Human: <Img><ImageHere></Img> <question> ###Assistant:`, with the
+    `<ImageHere>` slot written as one `<image>` per query (the stock BLIP-2 model fills them in place)."""
+    return (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}###Human: {% else %}###Assistant: {% endif %}"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for item in message['content'] %}"
+        "{% if item['type'] == 'image' %}<Img>" + "<image>" * num_query_tokens + "</Img> "
+        "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+        "{% endfor %}{% endif %} "
+        "{% endfor %}"
+        "{% if add_generation_prompt %}###Assistant:{% endif %}"
+    )
+
+
+def build_minigpt4(seed: int = 0, image_size: int = 32, patch_size: int = 8, scale: float = 8.0,
+                   num_query_tokens: int = NUM_QUERY_TOKENS) -> tuple[Any, Any]:
+    """MiniGPT-4's architecture as a stock BLIP-2: ViT, Q-Former (queries only), one linear, LLaMA."""
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessorPil,
+    )
+
+    tokenizer = build_tokenizer(MINIGPT4_WORDS)
+    vision_config = Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+    qformer_config = Blip2QFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, cross_attention_frequency=1)
+    config = Blip2Config(
+        vision_config=vision_config.to_dict(), qformer_config=qformer_config.to_dict(),
+        text_config=_text_config(tokenizer).to_dict(), num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.query_tokens.normal_(0.0, 1.0)
+    _scale_weights(model, scale, tokenizer)
+    # num_query_tokens=None: the processor leaves the image tokens where the chat template puts them.
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer, num_query_tokens=None,
+    )
+    # The stock Blip2Processor drops a chat template on loading (its __init__ swallows the keyword), so the
+    # template also goes with the tokenizer, which keeps it (`Blip2Adapter.render_prompt` reads either).
+    processor.chat_template = tokenizer.chat_template = minigpt4_template(num_query_tokens)
+    return model, processor
+
+
 def build_instructblip(seed: int = 0, image_size: int = 32, patch_size: int = 8, scale: float = 8.0,
                        num_query_tokens: int = NUM_QUERY_TOKENS) -> tuple[Any, Any]:
     from transformers import (
