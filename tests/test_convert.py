@@ -135,6 +135,36 @@ def test_convert_refuses_bad_inputs_and_writes_nothing(fixture, tmp_path, capsys
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_convert_without_padding_is_plain_llava(fixture, tmp_path):
+    import vlmscope
+    from vlmscope.cli import main
+
+    shikra, clip = write_original_checkpoint(fixture, tmp_path / "orig")
+    out = tmp_path / "plain"
+    assert main(["convert", "shikra", "--checkpoint", str(shikra), "--vision-tower", str(clip), "--out", str(out),
+                 "--image-pad", "none"]) == 0
+    vlm = vlmscope.load(str(out))
+    assert vlm.adapter.family == "llava"  # OPERA's Shikra: the CLIP processor's resize and crop, no padding
+
+
+@pytest.mark.parametrize("model", ["instructblip", "minigpt4", "shikra"])
+def test_seed_scripts_take_the_seed_models(model):
+    import argparse
+
+    from vlmscope.eval.config import load_config
+    from vlmscope.eval.seed_flags import add_seed_flags, eval_argv
+
+    parser = argparse.ArgumentParser()
+    add_seed_flags(parser)
+    args = parser.parse_args(["--model", model, "--data-path", "COCO", "--beam", "5", "--scale_factor", "50"])
+    argv = eval_argv("chair", args, [])
+    config = argv[argv.index("--config") + 1]
+    assert config == f"eval_configs/{model}.yaml"
+    assert argv[argv.index("--decoding") + 1] == "opera:num_beams=5,scale_factor=50.0"
+    loaded = load_config(ROOT / config)
+    assert loaded is not None
+
+
 def test_map_rejects_unknown_tensors():
     from vlmscope.models.convert.shikra import map_shikra_state_dict
 

@@ -20,6 +20,8 @@ def register(sub: Any) -> None:
                         help="the CLIP ViT-L/14 folder Shikra loads (default: the config's mm_vision_tower)")
     parser.add_argument("--out", required=True, help="a new (or empty) folder for the stock checkpoint")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights (default: as stored)")
+    parser.add_argument("--image-pad", choices=("white", "none"), default="white",
+                        help="white: pad images to a square as Shikra does (default); none: as OPERA/PAI run it")
     add_json_arg(parser)
     parser.set_defaults(func=run)
 
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     created = not out.exists()
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
-        convert_shikra(checkpoint, out, vision_tower=args.vision_tower, dtype=dtype)
+        convert_shikra(checkpoint, out, vision_tower=args.vision_tower, dtype=dtype, image_pad=args.image_pad)
     except BaseException:
         # Nothing half-written stays behind (the folder was new or empty).
         if created:

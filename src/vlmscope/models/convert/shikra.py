@@ -13,7 +13,8 @@ conversation code does (Vicuna v1.1: system prompt, `USER: ... ASSISTANT:`).
 
 Shikra pads non-square images to a square with white (its `Expand2square`) before CLIP's resize and crop;
 the stock LLaVA processor pads with the CLIP mean colour, so the converted config records the colour
-(`shikra_pad_color`) and vlmscope's Shikra adapter pads with it before the stock processor.
+(`shikra_pad_color`) and vlmscope's Shikra adapter pads with it before the stock processor. OPERA and PAI
+evaluate Shikra without that padding (`image_pad="none"`: a plain LLaVA checkpoint, no colour recorded).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
               "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "initializer_range",
               "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_theta")
 SHIKRA_PAD_COLOR = (255, 255, 255)
+IMAGE_PADS = ("white", "none")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -78,8 +80,14 @@ def map_shikra_state_dict(shikra: dict[str, torch.Tensor], clip: dict[str, torch
 
 
 def convert_shikra(checkpoint: str | Path, out: str | Path, vision_tower: str | Path | None = None,
-                   dtype: torch.dtype | None = None) -> Path:
-    """Write a stock LLaVA checkpoint (model, tokenizer, processor with Shikra's template) to `out`."""
+                   dtype: torch.dtype | None = None, image_pad: str = "white") -> Path:
+    """Write a stock LLaVA checkpoint (model, tokenizer, processor with Shikra's template) to `out`.
+
+    `image_pad`: "white" pads images to a square as the original Shikra does; "none" feeds them to the CLIP
+    processor as they are (shortest-side resize and centre crop), as OPERA's and PAI's Shikra evaluations do.
+    """
+    if image_pad not in IMAGE_PADS:
+        raise InputError(f"image_pad {image_pad!r}: use one of {', '.join(IMAGE_PADS)}")
     from transformers import AutoTokenizer, CLIPImageProcessorPil, LlamaConfig, LlavaForConditionalGeneration
 
     from vlmscope.models.tiny_seed import shikra_llava_config, shikra_processor
@@ -105,7 +113,8 @@ def convert_shikra(checkpoint: str | Path, out: str | Path, vision_tower: str | 
     vision_config = _vision_config(vision_dir)
     side = vision_config.image_size // vision_config.patch_size
     config = shikra_llava_config(vision_config, text_config, patch_id, side * side)
-    config.shikra_pad_color = list(SHIKRA_PAD_COLOR)
+    if image_pad == "white":
+        config.shikra_pad_color = list(SHIKRA_PAD_COLOR)
 
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
