@@ -95,14 +95,27 @@ def test_instructblip_opera_and_pai_act_on_the_queries(tiny_instructblip, images
     assert not np.allclose(pai.scores[:1], greedy.scores[:1], atol=1e-4)  # the query columns were amplified
 
 
-def test_instructblip_methods_that_need_patches(tiny_instructblip, images):
-    vlm = tiny_instructblip
-    # FastV and truncation work on the queries (the image tokens of the language model's sequence).
-    for spec in ("fastv", "truncate"):
-        assert vlm.generate(images[0], PROMPT, max_new_tokens=3, interventions=[spec]).token_ids
-    for spec in ("codebook", "aai"):
-        with pytest.raises(InputError):
-            vlm.generate(images[0], PROMPT, max_new_tokens=3, interventions=[spec])
+@pytest.mark.parametrize("arch", ["instructblip", "minigpt4"])
+def test_qformer_methods_that_need_patches(arch, request, images, tmp_path):
+    from vlmscope.errors import UnsupportedModelError
+
+    vlm = request.getfixturevalue(f"tiny_{arch}")
+    greedy = vlm.generate(images[0], PROMPT, max_new_tokens=3)
+    # FastV and truncation work on the queries (the image tokens of the language model's sequence): with
+    # nothing dropped or masked they are greedy, with everything masked from layer 1 on they are not.
+    kept = vlm.generate(images[0], PROMPT, max_new_tokens=3, interventions=["fastv:k=1,ratio=0.0"])
+    assert kept.scores == pytest.approx(greedy.scores, abs=1e-4)
+    dropped = vlm.generate(images[0], PROMPT, max_new_tokens=3, interventions=["fastv:k=1,ratio=1.0"])
+    assert dropped.scores != pytest.approx(greedy.scores, abs=1e-4)
+    masked = vlm.generate(images[0], PROMPT, max_new_tokens=3, interventions=["truncate:layer=1"])
+    assert masked.scores != pytest.approx(greedy.scores, abs=1e-4)
+    codebook = tmp_path / "codebook.pt"
+    torch.save(torch.randn(4, 32), codebook)
+    with pytest.raises(UnsupportedModelError):  # needs patch tokens in the sequence
+        vlm.generate(images[0], PROMPT, max_new_tokens=3, interventions=[f"codebook:path={codebook},keep_ratio=0.5"])
+    with pytest.raises(InputError):  # no vision reference map for a Q-Former model
+        vlm.generate(images[0], PROMPT, max_new_tokens=3, interventions=["aai"])
+    assert vlm.generate(images[0], PROMPT, max_new_tokens=3, interventions=["aai:reference=uniform"]).token_ids
 
 
 def test_carry_queries_to_patches_by_hand():
