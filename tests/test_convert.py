@@ -170,3 +170,54 @@ def test_map_rejects_unknown_tensors():
 
     with pytest.raises(InputError):
         map_shikra_state_dict({"model.mm_projector.weight": torch.zeros(2, 2), "extra.weight": torch.zeros(1)}, {})
+
+
+MINIGPT4_FIXTURE = ROOT / "tests" / "data" / "convert" / "minigpt4.json"
+
+
+@pytest.fixture(scope="module")
+def minigpt4_converted(tmp_path_factory):
+    """MiniGPT-4's original files (BLIP-2 .pth, MiniGPT-4 .pth with llama_proj, a LLaMA folder), converted."""
+    from transformers import LlamaConfig
+
+    from vlmscope.cli import main
+    from vlmscope.models.tiny import build_tokenizer
+
+    fixture = json.loads(MINIGPT4_FIXTURE.read_text())
+    root = tmp_path_factory.mktemp("minigpt4")
+    weights = seeded_state_dict(fixture["shapes"])
+    torch.save({"model": {k: v for k, v in weights.items() if not k.startswith("llama_proj.")}}, root / "blip2.pth")
+    torch.save({"model": {k: v for k, v in weights.items() if k.startswith("llama_proj.")}}, root / "minigpt4.pth")
+    llm = root / "vicuna"
+    llm.mkdir()
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings", "rms_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id")
+    LlamaConfig(**{k: fixture["llama_config"][k] for k in keys}).save_pretrained(llm)
+    torch.save(seeded_state_dict(fixture["llama_shapes"]), llm / "pytorch_model.bin")
+    build_tokenizer().save_pretrained(llm)
+    out = root / "stock"
+    assert main(["convert", "minigpt4", "--checkpoint", str(root / "minigpt4.pth"), "--blip2", str(root / "blip2.pth"),
+                 "--llm", str(llm), "--out", str(out), "--vision-heads", "4", "--qformer-heads", "4",
+                 "--image-size", "32"]) == 0
+    return fixture, out
+
+
+def test_converted_minigpt4_equals_the_original_code(minigpt4_converted):
+    import vlmscope
+
+    fixture, out = minigpt4_converted
+    vlm = vlmscope.load(str(out))  # sets ln_vision's eps (1e-5) on the stock post_layernorm
+    model = vlm.model
+    assert vlm.adapter.family == "blip2" and model.vision_model.post_layernorm.eps == 1e-5
+    ids = torch.tensor([fixture["input_ids"]])
+    pixel_values = seeded_tensor("pixel_values", [1, 3, 32, 32])
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values).pooler_output[0]
+        logits = model(input_ids=ids, pixel_values=pixel_values).logits[0]
+        greedy = model.generate(input_ids=ids, pixel_values=pixel_values, do_sample=False,
+                                max_new_tokens=len(fixture["greedy_tokens"]), eos_token_id=None)[0, ids.shape[1]:]
+    assert (features - torch.tensor(fixture["query_features"])).abs().max().item() < 1e-4
+    assert (logits - torch.tensor(fixture["logits"])).abs().max().item() < 1e-4
+    assert greedy.tolist() == fixture["greedy_tokens"]
+    text = vlm.adapter.render_prompt("what is in the image ?")
+    assert text == f"###Human: <Img>{'<image>' * 8}</Img> what is in the image ? ###Assistant:"

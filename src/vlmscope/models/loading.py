@@ -107,6 +107,10 @@ def load_model_and_processor(ref: str, device: Any = None, dtype: Any = None, *,
             raise
         raise InputError(f"cannot load {ref} with these options: {str(exc).splitlines()[0]}") from None
     model = (model if placed else model.to(device)).eval()
+    ln_vision_eps = getattr(model.config, "ln_vision_eps", None)
+    if ln_vision_eps is not None:
+        # MiniGPT-4's ln_vision (eps 1e-5) is stock BLIP-2's post_layernorm, built with the ViT's eps (1e-6).
+        model.vision_model.post_layernorm.eps = float(ln_vision_eps)
     processor = load_processor(source, config.model_type, **hub)
     return model, processor, ref
 

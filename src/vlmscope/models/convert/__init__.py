@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-CONVERTERS = ("shikra",)
+CONVERTERS = ("shikra", "minigpt4")
