@@ -219,5 +219,10 @@ def test_converted_minigpt4_equals_the_original_code(minigpt4_converted):
     assert (features - torch.tensor(fixture["query_features"])).abs().max().item() < 1e-4
     assert (logits - torch.tensor(fixture["logits"])).abs().max().item() < 1e-4
     assert greedy.tolist() == fixture["greedy_tokens"]
+    from vlmscope.cli import main
+
+    assert main(["convert", "minigpt4", "--checkpoint", str(out / "missing.pth"), "--out", str(out.parent / "x")]) == 2
+    assert main(["convert", "minigpt4", "--checkpoint", str(out / "config.json"), "--out", str(out.parent / "x")]) == 2
+    assert not (out.parent / "x").exists()  # no --llm: refused before anything is written
     text = vlm.adapter.render_prompt("what is in the image ?")
     assert text == f"###Human: <Img>{'<image>' * 8}</Img> what is in the image ? ###Assistant:"

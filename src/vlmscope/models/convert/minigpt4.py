@@ -9,10 +9,10 @@ one qkv bias `cat(q_bias, 0, v_bias)`.
 
 The chat template is OPERA's MiniGPT-4 prompt, `###Human: <Img><ImageHere></Img> <question> ###Assistant:`,
 with the `<ImageHere>` slot written as one `<image>` per query: the stock model scatters the 32 projected
-queries into those positions. `<image>` is a token added to Vicuna's vocabulary (its rows in the embedding and
-the output layer are zero: the embedding is always replaced, and it is never a likely next token).
+queries into those positions. `<image>` is a token added to Vicuna's vocabulary (its new rows in the embedding
+and the output layer are zero: the embedding is always replaced; its logit is 0, not -inf).
 
-Known differences from the original (both measured by tests/test_convert.py on small weights):
+Known differences from the original:
 - `ln_vision` uses eps 1e-5, stock BLIP-2's `post_layernorm` the vision config's `layer_norm_eps` (1e-6, shared
   with the ViT's own norms); the config records `ln_vision_eps` and `vlmscope.load` sets the module's eps to it.
 - the original runs the ViT in fp16 (`vit_precision`); converted weights keep the stored precision.
