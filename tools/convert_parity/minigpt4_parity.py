@@ -5,10 +5,10 @@ stand-ins for its three helpers where timm cannot import for want of a matching 
 MiniGPT-4's model files from a checkout, unmodified: `minigpt4/models/eva_vit.py` (EVA ViT-g's
 `VisionTransformer`), `minigpt4/models/Qformer.py` (`BertLMHeadModel`) and transformers 4.30's LLaMA:
 
-    git clone https://github.com/Vision-CAIR/MiniGPT-4 /tmp/MiniGPT-4
-    python -m venv /tmp/venv-minigpt4 && /tmp/venv-minigpt4/bin/pip install torch==2.13.0 transformers==4.30.0 \
+    git clone https://github.com/Vision-CAIR/MiniGPT-4 SCRATCH/MiniGPT-4
+    python -m venv SCRATCH/venv-minigpt4 && SCRATCH/venv-minigpt4/bin/pip install torch==2.13.0 transformers==4.30.0 \
         timm==0.6.13
-    /tmp/venv-minigpt4/bin/python tools/convert_parity/minigpt4_parity.py --minigpt4 /tmp/MiniGPT-4 \
+    SCRATCH/venv-minigpt4/bin/python tools/convert_parity/minigpt4_parity.py --minigpt4 SCRATCH/MiniGPT-4 \
         --out tests/data/convert
 
 The `minigpt4` package's `__init__` (datasets, runners, torchvision) is not imported: the two model files are

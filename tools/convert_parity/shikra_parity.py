@@ -3,10 +3,10 @@
 Runs in a side environment with the original's transformers (torch 2.13 as vlmscope, transformers 4.28.1,
 Shikra pins a 4.28 development commit) and Shikra's model file from a checkout, unmodified:
 
-    git clone https://github.com/shikras/shikra /tmp/shikra
-    python -m venv /tmp/venv-shikra && /tmp/venv-shikra/bin/pip install torch==2.13.0 transformers==4.28.1 \
+    git clone https://github.com/shikras/shikra SCRATCH/shikra
+    python -m venv SCRATCH/venv-shikra && SCRATCH/venv-shikra/bin/pip install torch==2.13.0 transformers==4.28.1 \
         sentencepiece
-    /tmp/venv-shikra/bin/python tools/convert_parity/shikra_parity.py --shikra /tmp/shikra --out tests/data/convert
+    SCRATCH/venv-shikra/bin/python tools/convert_parity/shikra_parity.py --shikra SCRATCH/shikra --out tests/data/convert
 
 The weights are `seeded.seeded_state_dict` of the original's state-dict layout (names and shapes stored in
 the fixture), so tests/test_convert.py rebuilds exactly these tensors, converts them with
