@@ -93,6 +93,7 @@ from vlmscope.decoding.opera_penalty import (
 )
 from vlmscope.errors import InputError, UnsupportedModelError
 from vlmscope.models.adapters import TextAdapter, text_batch
+from vlmscope.models.families_seed import model_forward
 
 IMAGE_BONUS_POSITIONS = 10  # reference: image-attention bonus while the window (candidate included) has <= 10 rows
 MIN_ROLLBACK_LOCATION = 10  # reference: never roll back to a summary token among the first 10 response tokens
@@ -429,7 +430,7 @@ class _OperaSearch:
     def _forward(self, **kwargs: Any) -> Any:
         """A forward of the model with the run's plan active (the search holds `attention_plan` open)."""
         run = self.run
-        return run.model(**kwargs, **run.extra_forward_kwargs, use_cache=True, return_dict=True)
+        return model_forward(run.model, **kwargs, **run.extra_forward_kwargs, use_cache=True, return_dict=True)
 
     def _forward_candidates(self, cand_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All beams x candidates in one forward on the beams' cache; the cache keeps C new entries per row.

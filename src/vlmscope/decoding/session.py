@@ -38,6 +38,7 @@ from vlmscope.attention.engine import (
 )
 from vlmscope.errors import InputError
 from vlmscope.models.adapters import Adapter, Batch
+from vlmscope.models.families_seed import model_forward
 
 
 class InterventionLifecycle:
@@ -224,7 +225,7 @@ class GenerationRun:
     # --- forwards -------------------------------------------------------------------------------------
     def _forward(self, **kwargs: Any) -> torch.Tensor:
         with attention_plan(self.model, self.plan):
-            out = self.model(**kwargs, **self.extra_forward_kwargs, use_cache=True, return_dict=True)
+            out = model_forward(self.model, **kwargs, **self.extra_forward_kwargs, use_cache=True, return_dict=True)
         return out.logits[:, -1, :].float()
 
     def prefill(self) -> torch.Tensor:

@@ -6,7 +6,7 @@ import argparse
 
 
 def add_seed_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="llava-1.5", help="llava-1.5 | llava-next | qwen2-vl | a model ref")
+    parser.add_argument("--model", default="llava-1.5", help="llava-1.5 | llava-next | qwen2-vl | qwen2.5-vl | instructblip | minigpt4 | shikra | a model ref")
     parser.add_argument("--data-path", "--data_path", dest="data_path", required=True)
     parser.add_argument("--out", "--output", dest="out", default=None)
     parser.add_argument("--beam", type=int, default=1)
@@ -32,7 +32,9 @@ def add_seed_flags(parser: argparse.ArgumentParser) -> None:
 
 
 CONFIGS = {"llava-1.5": "eval_configs/llava-1.5.yaml", "llava-next": "eval_configs/llava-next.yaml",
-           "qwen2-vl": "eval_configs/qwen2-vl.yaml", "qwen2.5-vl": "eval_configs/qwen2.5-vl.yaml"}
+           "qwen2-vl": "eval_configs/qwen2-vl.yaml", "qwen2.5-vl": "eval_configs/qwen2.5-vl.yaml",
+           "instructblip": "eval_configs/instructblip.yaml", "minigpt4": "eval_configs/minigpt4.yaml",
+           "shikra": "eval_configs/shikra.yaml"}
 
 
 def method_specs(args: argparse.Namespace) -> tuple[str, list[str]]:

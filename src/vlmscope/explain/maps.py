@@ -8,7 +8,9 @@ prefill and all unselected layers run stock SDPA, so a 7B model never computes `
 layer (memory: steps × layers × heads × image tokens floats).
 
 The captured rows are laid out on the image grids of the adapter (LLaVA-1.5: 24×24; LLaVA-NeXT: the base view
-and the unpadded tile grid, newline tokens left out; Qwen2-VL: the merged patch grid).
+and the unpadded tile grid, newline tokens left out; Qwen2-VL: the merged patch grid). InstructBLIP's image
+tokens are its Q-Former queries: their columns are carried to the ViT patch grid through the Q-Former's
+cross-attention (`carry_queries_to_patches`), so its maps are over the image too.
 """
 
 from __future__ import annotations
@@ -271,6 +273,10 @@ def explain(vlm: Any, image: Any, prompt: str, steps: Any = "all", layers: Any =
             raise InputError(f"step {s} is beyond the {generated} generated tokens: valid steps are "
                              f"0..{generated - 1}")
     raw = raw[step_ids]
+    if hasattr(adapter, "query_patch_attention"):
+        # Q-Former models: the captured columns are the queries; carry them to the ViT patches.
+        raw = carry_queries_to_patches(raw, adapter.query_patch_attention(batch)[0].cpu().numpy())
+        grids = [adapter.patch_grid()]
     grid_maps = {grid.name: np.ascontiguousarray(grid.take(raw), dtype=np.float32) for grid in grids}
     tokenizer = adapter.tokenizer
     all_tokens = [tokenizer.decode([t]) for t in result.token_ids]
@@ -285,6 +291,21 @@ def explain(vlm: Any, image: Any, prompt: str, steps: Any = "all", layers: Any =
         prompt_ids=result.prompt_ids, prompt=prompt, model_id=vlm.model_id, image=pil, params=params,
         runtime=runtime, provenance=run_provenance(vlm, decoding=greedy, wall_seconds=total_seconds),
     )
+
+
+def carry_queries_to_patches(query_maps: np.ndarray, query_patch: np.ndarray) -> np.ndarray:
+    """Carry attention to Q-Former queries onto the ViT patches the queries read (InstructBLIP, BLIP-2).
+
+    `query_maps` is [..., queries] (a generated token's attention to each query token), `query_patch`
+    [queries, patches] (each query's cross-attention to the patches, mean over the Q-Former's cross-attention
+    layers and heads, CLS dropped). Patch p gets Σ_q query_maps[..., q] · query_patch[q, p]: the attention a
+    token paid to the queries, split over the patches in the proportions each query attended to them. The
+    result keeps the attention mass to the queries, less the queries' share on CLS.
+    """
+    if query_maps.shape[-1] != query_patch.shape[0]:
+        raise InputError(f"{query_maps.shape[-1]} query columns but a cross-attention matrix for "
+                         f"{query_patch.shape[0]} queries")
+    return np.einsum("...q,qp->...p", query_maps, query_patch).astype(np.float32)
 
 
 def _clip(text: str, limit: int = 40) -> str:

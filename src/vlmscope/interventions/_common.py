@@ -25,6 +25,7 @@ from vlmscope.attention.engine import (
 )
 from vlmscope.errors import InputError
 from vlmscope.models.adapters import Adapter, Batch
+from vlmscope.models.families_seed import model_forward
 
 # --- layer ranges ---------------------------------------------------------------------------------------------
 
@@ -156,9 +157,10 @@ class Branch:
         self.last_positions = positions[..., -1]
         self.cache = DynamicCache(config=self.model.config)
         with self._stock():
-            out = self.model(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=positions,
-                             past_key_values=self.cache, use_cache=True, return_dict=True, logits_to_keep=1,
-                             **self.model_inputs)
+            out = model_forward(self.model, input_ids=self.input_ids, attention_mask=self.attention_mask,
+                                position_ids=positions, past_key_values=self.cache, use_cache=True,
+                                return_dict=True, logits_to_keep=1,
+                                **self.model_inputs)
         self.forwards += 1
         return out.logits[:, -1, :].float()
 
@@ -168,9 +170,9 @@ class Branch:
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
         self.last_positions = self.last_positions + 1
         with self._stock():
-            out = self.model(input_ids=tokens, attention_mask=self.attention_mask,
-                             position_ids=self.last_positions[..., None], past_key_values=self.cache,
-                             use_cache=True, return_dict=True)
+            out = model_forward(self.model, input_ids=tokens, attention_mask=self.attention_mask,
+                                position_ids=self.last_positions[..., None], past_key_values=self.cache,
+                                use_cache=True, return_dict=True)
         self.forwards += 1
         return out.logits[:, -1, :].float()
 

@@ -72,6 +72,11 @@ class Adapter:
             image_token_id = getattr(config, "image_token_index", None)
         self.image_token_id = image_token_id
 
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        """Whether this adapter handles `model` among those of its `model_types` (a variant may claim some)."""
+        return True
+
     # --- structure -------------------------------------------------------------------------------------
     @property
     def text_config(self) -> Any:
@@ -318,7 +323,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAd
 def adapter_for(model: Any, processor: Any) -> Adapter:
     model_type = getattr(model.config, "model_type", None)
     for cls in ADAPTERS:
-        if model_type in cls.model_types:
+        if model_type in cls.model_types and cls.accepts(model):
             return cls(model, processor)
     from vlmscope.models.families_modern import MODERN_ADAPTERS, modern_adapter_for
 
@@ -331,3 +336,5 @@ def adapter_for(model: Any, processor: Any) -> Adapter:
         "(LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, Gemma 3), and any image-text-to-text "
         "model whose config names an image token id (generic adapter)"
     )
+
+import vlmscope.models.families_seed  # noqa: E402, F401  (registers InstructBLIP in ADAPTERS)

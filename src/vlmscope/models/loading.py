@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 BUILTIN_TINY = {"tiny-llava": "llava", "tiny-llava-next": "llava-next", "tiny-qwen2-vl": "qwen2-vl",
                 "tiny-llava-onevision": "llava-onevision", "tiny-gemma3": "gemma3", "tiny-qwen3-vl": "qwen3-vl",
-                "tiny-idefics3": "idefics3", "tiny-internvl": "internvl"}
+                "tiny-idefics3": "idefics3", "tiny-internvl": "internvl",
+                "tiny-instructblip": "instructblip", "tiny-minigpt4": "minigpt4", "tiny-shikra": "shikra"}
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
 
 
@@ -122,6 +123,10 @@ def load_model_and_processor(ref: str, device: Any = None, dtype: Any = None, *,
             raise
         raise InputError(f"cannot load {ref} with these options: {str(exc).splitlines()[0]}") from None
     model = (model if placed else model.to(device)).eval()
+    ln_vision_eps = getattr(model.config, "ln_vision_eps", None)
+    if ln_vision_eps is not None:
+        # MiniGPT-4's ln_vision (eps 1e-5) is stock BLIP-2's post_layernorm, built with the ViT's eps (1e-6).
+        model.vision_model.post_layernorm.eps = float(ln_vision_eps)
     processor = load_processor(source, config.model_type, **hub)
     return model, processor, ref
 

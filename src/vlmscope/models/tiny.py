@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llava", "llava-next", "qwen2-vl", "llava-onevision", "gemma3", "qwen3-vl", "idefics3", "internvl")
+ARCHS = ("llava", "llava-next", "qwen2-vl", "llava-onevision", "gemma3", "qwen3-vl", "idefics3", "internvl",
+         "instructblip", "minigpt4", "shikra")
 
 WORDS = (
     "USER ASSISTANT : user assistant system what is in the image ? a an cat dog red blue green "
@@ -259,10 +260,17 @@ def image_only_qwen_processor(base: type) -> type:
     return ImageOnlyProcessor
 
 
+def _seed_builders() -> dict[str, Any]:
+    from vlmscope.models.tiny_seed import build_instructblip, build_minigpt4, build_shikra
+
+    return {"instructblip": build_instructblip, "minigpt4": build_minigpt4, "shikra": build_shikra}
+
+
 BUILDERS = {"llava": build_llava, "llava-next": build_llava_next, "qwen2-vl": build_qwen2_vl,
             "llava-onevision": lambda **kw: build_llava_onevision(**kw), "gemma3": lambda **kw: build_gemma3(**kw),
             "qwen3-vl": lambda **kw: build_qwen3_vl(**kw),
-            "idefics3": lambda **kw: build_idefics3(**kw), "internvl": lambda **kw: build_internvl(**kw)}
+            "idefics3": lambda **kw: build_idefics3(**kw), "internvl": lambda **kw: build_internvl(**kw),
+            **_seed_builders()}
 
 
 def build_tiny(arch: str, seed: int = 0, **kwargs: Any) -> tuple[Any, Any]:
