@@ -14,7 +14,7 @@ pip_opts=(-q --disable-pip-version-check --timeout 20 --retries 1)
 
 no_index() {
     if [ "${CI:-}" = true ]; then
-        echo "compat: cannot install $1 from the package index (see $log); the newest-transformers job needs it" >&2
+        echo "compat: cannot get $1 from the package index (see $log); the newest-transformers job needs it" >&2
         exit 1
     fi
     echo "compat: package index unreachable ($1, see $log); skipping the newest-transformers subset" >&2
@@ -32,10 +32,15 @@ if [ ! -f "$venv/.built" ]; then
         || no_index "the package's dependencies"
     touch "$venv/.built"
 fi
-# Every run asks for the newest 5.x release (a no-op download when the cached venv already has it).
+# Every run asks the index for the newest 5.x release: `pip install -U` would quietly keep a cached older one
+# when the index is unreachable, so the version is looked up first and then pinned.
+newest=$(timeout 120 "$venv/bin/python" -m pip index versions transformers "${pip_opts[@]:1}" 2>"$log" \
+    | sed -n 's/^Available versions: //p' | tr ',' '\n' | tr -d ' ' | grep -E '^5\.[0-9]+(\.[0-9]+)?$' | head -n 1) \
+    || true
+[ -n "$newest" ] || no_index "the list of transformers releases"
 torch_pin=$(grep -E '^torch==' constraints.txt)
-timeout 300 "$venv/bin/python" -m pip install "${pip_opts[@]}" -U "transformers>=5,<6" "$torch_pin" >"$log" 2>&1 \
-    || no_index "transformers>=5,<6"
+timeout 300 "$venv/bin/python" -m pip install "${pip_opts[@]}" "transformers==$newest" "$torch_pin" >"$log" 2>&1 \
+    || no_index "transformers==$newest"
 
 version=$("$venv/bin/python" -c 'import transformers; print(transformers.__version__)')
 echo "compat: transformers $version"
