@@ -493,8 +493,9 @@ def build_idefics3(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
     """Idefics3: 32-px tiles (row-major, up to 2×2 here) then a global view, each tile's 4×4 SigLIP patches
     pixel-shuffled (scale 2) into 2×2 tokens; `<row_i_col_j>` and `<global-img>` tags between tiles.
 
-    (SmolVLM has the same layout; its stock processor needs a video processor, hence torchvision, even to
-    render a chat template, so it has no tiny model here.)"""
+    (SmolVLM has the same layout but no tiny model: its stock processor needs the `num2words` package, and its
+    `apply_chat_template` reads `video_processor.num_frames`/`fps` even for image-only chats, so it cannot
+    render a prompt without a video processor, hence torchvision.)"""
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
