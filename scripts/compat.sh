@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 venv=.compat-venv
 log="$venv/pip.log"
 # Short network timeouts and one retry: an unreachable index fails in well under a minute instead of hanging.
-pip_opts=(-q --disable-pip-version-check --timeout 20 --retries 1)
+net_opts=(--disable-pip-version-check --timeout 20 --retries 1)
+pip_opts=(-q "${net_opts[@]}")
 
 no_index() {
     if [ "${CI:-}" = true ]; then
@@ -34,7 +35,7 @@ if [ ! -f "$venv/.built" ]; then
 fi
 # Every run asks the index for the newest 5.x release: `pip install -U` would quietly keep a cached older one
 # when the index is unreachable, so the version is looked up first and then pinned.
-newest=$(timeout 120 "$venv/bin/python" -m pip index versions transformers "${pip_opts[@]:1}" 2>"$log" \
+newest=$(timeout 120 "$venv/bin/python" -m pip index versions transformers "${net_opts[@]}" 2>"$log" \
     | sed -n 's/^Available versions: //p' | tr ',' '\n' | tr -d ' ' | grep -E '^5\.[0-9]+(\.[0-9]+)?$' | head -n 1) \
     || true
 [ -n "$newest" ] || no_index "the list of transformers releases"
