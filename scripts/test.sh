@@ -21,4 +21,8 @@ start=$SECONDS
 status=0
 .venv/bin/python -m pytest -q --durations=10 "$@" || status=$?
 echo "pytest wall time: $((SECONDS - start)) s"
+# The whole suite (no pytest arguments) ends with the compatibility subset on the newest transformers 5.x.
+if [ "$#" -eq 0 ]; then
+    bash scripts/compat.sh || status=1
+fi
 exit "$status"

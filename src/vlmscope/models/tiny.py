@@ -8,6 +8,7 @@ instead of repeating one token, which makes equivalence tests between decoding p
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -290,7 +291,41 @@ def save_tiny(arch: str, out: str | Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    _write_video_processor_config(arch, processor, out)
     return out
+
+
+# The stock video processor of each family whose stock processor has one. Those classes need torchvision, so
+# the tiny processors are built without them (`image_only_qwen_processor`, `video_processor=None`); the saved
+# directory still has to name one, or stock `AutoProcessor.from_pretrained` stops at "Can't load video
+# processor" (on every transformers 5.x) before it even looks for torchvision.
+VIDEO_PROCESSORS = {"qwen2-vl": "Qwen2VLVideoProcessor", "qwen3-vl": "Qwen3VLVideoProcessor",
+                    "llava-onevision": "LlavaOnevisionVideoProcessor", "internvl": "InternVLVideoProcessor"}
+# Image-processor settings a family's video processor shares (same patching and normalisation, so a video
+# frame is cut as an image would be); the image-only ones (tiling, padding, grid pinpoints) stay out.
+_SHARED_WITH_VIDEO = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std",
+                      "resample", "rescale_factor", "size", "patch_size", "merge_size", "temporal_patch_size")
+
+
+def _write_video_processor_config(arch: str, processor: Any, out: Path) -> None:
+    """Nest a `video_processor` entry in processor_config.json, as stock `save_pretrained` does in 5.x.
+
+    Written as JSON rather than by saving a video processor, because instantiating one needs torchvision.
+    Where torchvision is installed, stock `AutoProcessor` then loads the directory; without it, it fails
+    with transformers' own "requires torchvision" error, and `vlmscope.load` loads it either way.
+    """
+    class_name = VIDEO_PROCESSORS.get(arch)
+    if class_name is None:
+        return
+    path = out / "processor_config.json"
+    config = json.loads(path.read_text())
+    if "video_processor" in config:  # a stock processor that saved its own
+        return
+    image = processor.image_processor.to_dict()
+    video = {key: image[key] for key in _SHARED_WITH_VIDEO if key in image}
+    video["video_processor_type"] = class_name
+    config["video_processor"] = video
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _zero_special_rows(model: Any, tokenizer: Any, tokens: tuple[str, ...]) -> None:
@@ -458,8 +493,9 @@ def build_idefics3(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
     """Idefics3: 32-px tiles (row-major, up to 2×2 here) then a global view, each tile's 4×4 SigLIP patches
     pixel-shuffled (scale 2) into 2×2 tokens; `<row_i_col_j>` and `<global-img>` tags between tiles.
 
-    (SmolVLM has the same layout; its stock processor needs a video processor, hence torchvision, even to
-    render a chat template, so it has no tiny model here.)"""
+    (SmolVLM has the same layout but no tiny model: its stock processor needs the `num2words` package, and its
+    `apply_chat_template` reads `video_processor.num_frames`/`fps` even for image-only chats, so it cannot
+    render a prompt without a video processor, hence torchvision.)"""
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
