@@ -4,8 +4,8 @@ Usage (needs NLTK's tagger and WordNet, e.g. ``vlmscope chair setup --from ../sh
 
     PYTHONPATH=src python tools/fit_builtin_tagger.py ../shared/data/chair/*_captions.jsonl
 
-The labels are the WordNet parts of speech that the exact (NLTK) normaliser lemmatises the CHAIR-sensitive
-tokens of those captions with (`vlmscope.eval.postag`). ``benchmarks/bench_chair.py`` measures the agreement on
+The labels are the Penn tags that the exact (NLTK) normaliser gives the CHAIR-sensitive
+tokens of those captions (`vlmscope.eval.postag`). ``benchmarks/bench_chair.py`` measures the agreement on
 the logs of models left out of the fit.
 """
 

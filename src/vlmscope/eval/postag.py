@@ -4,8 +4,9 @@ The reference lemmatises every token by its NLTK tag, but the tag only changes a
 hundred words: those whose noun, verb, adjective and adverb lemmas differ and one of them is a CHAIR
 vocabulary word ("tied" → tie as a verb, "seated" → seat → chair, "stove" → "stave" as a verb, "umbrellas"
 kept plural as an adjective, "parking" → "park" breaking "parking meter"). For these *sensitive* tokens a
-linear model chooses the WordNet part of speech (noun, verb, adjective, adverb) from the surrounding words and
-their usual tags; every other token is lemmatised as a noun (its lemma never reaches the vocabulary whichever
+linear model scores the Penn tags NLTK gives them from the word, its suffixes, the surrounding words, their
+suffixes and usual tags, and the best tag's WordNet part of speech (noun, verb, adjective, adverb) is used;
+every other token is lemmatised as a noun (its lemma never reaches the vocabulary whichever
 tag it gets).
 
 The model (``vlmscope/data/builtin_pos_model.json.gz``) is our own: an averaged perceptron fitted by ``tools/fit_builtin_tagger.py`` to
@@ -78,9 +79,10 @@ def features(tokens: Sequence[str], i: int, lexicon: Mapping[str, str]) -> list[
     w = tokens[i]
     p1, p2, n1, n2 = at(i - 1), at(i - 2), at(i + 1), at(i + 2)
     t1, t2, u1, u2 = tag(i - 1), tag(i - 2), tag(i + 1), tag(i + 2)
+    # The neighbours' suffixes generalise the neighbouring words to ones not seen in the fit.
     return [
         "bias", f"w={w}", f"s3={w[-3:]}", f"s2={w[-2:]}",
-        f"p1={p1}", f"p2={p2}", f"n1={n1}", f"n2={n2}",
+        f"p1={p1}", f"p2={p2}", f"n1={n1}", f"n2={n2}", f"ps3={p1[-3:]}", f"ns3={n1[-3:]}",
         f"t1={t1}", f"t2={t2}", f"u1={u1}", f"u2={u2}",
         f"t2,t1={t2},{t1}", f"t1,u1={t1},{u1}", f"u1,u2={u1},{u2}",
         f"w,t1={w},{t1}", f"w,u1={w},{u1}", f"w,p1={w},{p1}", f"w,n1={w},{n1}",
@@ -89,23 +91,27 @@ def features(tokens: Sequence[str], i: int, lexicon: Mapping[str, str]) -> list[
 
 
 class PosModel:
-    """Linear scores per class; ``predict`` returns the best class (ties: the order of `CLASSES`)."""
+    """Linear scores per Penn tag; ``predict`` returns the best tag (ties: alphabetical), ``tag`` its WordNet
+    part of speech. Scoring the fine tags, as NLTK's tagger does, rather than the four parts of speech keeps
+    each class's decision linear in the features (a part of speech is the union of several tags)."""
 
     def __init__(self, weights: Mapping[str, Mapping[str, float]], lexicon: Mapping[str, str]) -> None:
         self.weights = weights
         self.lexicon = lexicon
+        self.classes = tuple(sorted({cls for per_class in weights.values() for cls in per_class})) or ("NN",)
 
     def predict(self, feats: Iterable[str]) -> str:
-        totals = dict.fromkeys(CLASSES, 0.0)
+        totals = dict.fromkeys(self.classes, 0.0)
         for f in feats:
             for cls, w in self.weights.get(f, {}).items():
                 totals[cls] += w
-        return max(CLASSES, key=lambda c: totals[c])
+        return max(self.classes, key=lambda c: totals[c])
 
     def tag(self, tokens: Sequence[str]) -> list[str]:
         """WordNet part of speech per token: the model's for sensitive tokens, noun for the others."""
         return [
-            self.predict(features(tokens, i, self.lexicon)) if is_sensitive(t) else "n" for i, t in enumerate(tokens)
+            coarse(self.predict(features(tokens, i, self.lexicon))) if is_sensitive(t) else "n"
+            for i, t in enumerate(tokens)
         ]
 
 
@@ -163,22 +169,23 @@ def train(
     extra: Sequence[tuple[Sequence[str], int, str]] = (),
 ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
     """Averaged perceptron on ``(tokens, penn_tags)`` pairs (and `extra` ``(tokens, position, tag)`` examples
-    from `augment`), learning the sensitive tokens' WordNet part of speech. Returns ``(weights, lexicon)``;
+    from `augment`), learning the sensitive tokens' Penn tags. Returns ``(weights, lexicon)``;
     deterministic for a seed; averaged weights below `min_weight` in magnitude are dropped."""
     lexicon = build_lexicon(sentences)
     examples = [
-        (features(tokens, i, lexicon), coarse(tag))
+        (features(tokens, i, lexicon), tag)
         for tokens, tags in sentences
         for i, (tok, tag) in enumerate(zip(tokens, tags))
         if is_sensitive(tok)
     ]
-    examples += [(features(tokens, i, lexicon), coarse(tag)) for tokens, i, tag in extra]
+    examples += [(features(tokens, i, lexicon), tag) for tokens, i, tag in extra]
     weights: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     totals: dict[tuple[str, str], float] = defaultdict(float)
     stamps: dict[tuple[str, str], int] = defaultdict(int)
     step = 0
     rng = random.Random(seed)
     model = PosModel(weights, lexicon)
+    model.classes = tuple(sorted({truth for _, truth in examples}))
     for _ in range(iterations):
         rng.shuffle(examples)
         for feats, truth in examples:
