@@ -206,7 +206,6 @@ def build_qwen2_vl(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessorPil,
         Qwen2VLProcessor,
     )
 
@@ -221,7 +220,16 @@ def build_qwen2_vl(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
     )
     vision_config = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2,
                          patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    config = Qwen2VLConfig(
+    return _qwen_model(Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, text_config, vision_config,
+                       ids, tokenizer, seed, scale)
+
+
+def _qwen_model(config_cls: type, model_cls: type, processor_cls: type, text_config: Any, vision_config: Any,
+                ids: dict[str, int], tokenizer: Any, seed: int, scale: float) -> tuple[Any, Any]:
+    """The Qwen-VL families' shared tail: config with the vision special tokens, seeded weights, processor."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    config = config_cls(
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"],
@@ -230,13 +238,13 @@ def build_qwen2_vl(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
         vision_end_token_id=ids["<|vision_end|>"],
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     _scale_weights(model, scale, tokenizer)
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=8, merge_size=2, temporal_patch_size=2,
         size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
     )
-    processor = image_only_qwen_processor(Qwen2VLProcessor)(
+    processor = image_only_qwen_processor(processor_cls)(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_TEMPLATE
     )
     return model, processor
@@ -439,7 +447,6 @@ def build_gemma3(seed: int = 0, scale: float = 8.0, layer_types: list[str] | Non
 def build_qwen3_vl(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
     """Qwen3-VL: 8-px patches merged 2×2 (one token per 16 px), M-RoPE, DeepStack features into layers 0 and 1."""
     from transformers import (
-        Qwen2VLImageProcessorPil,
         Qwen3VLConfig,
         Qwen3VLForConditionalGeneration,
         Qwen3VLProcessor,
@@ -458,25 +465,8 @@ def build_qwen3_vl(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
     vision_config = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
                          patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                          num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
-    config = Qwen3VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    _scale_weights(model, scale, tokenizer)
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=8, merge_size=2, temporal_patch_size=2,
-        size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
-    )
-    processor = image_only_qwen_processor(Qwen3VLProcessor)(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_TEMPLATE
-    )
-    return model, processor
+    return _qwen_model(Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, text_config, vision_config,
+                       ids, tokenizer, seed, scale)
 
 
 IDEFICS_TEMPLATE = (
