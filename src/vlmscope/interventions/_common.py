@@ -23,6 +23,7 @@ from vlmscope.attention.engine import (
     attention_plan,
     decoder_attention_modules,
 )
+from vlmscope.decoding.session import InterventionState
 from vlmscope.errors import InputError
 from vlmscope.models.adapters import Adapter, Batch
 from vlmscope.models.families_seed import model_forward
@@ -203,3 +204,38 @@ def plausibility_cut(reference: torch.Tensor, values: torch.Tensor, beta: float)
     cutoff = torch.log(torch.tensor(beta, dtype=reference.dtype, device=reference.device))
     cutoff = cutoff + reference.max(dim=-1, keepdim=True).values
     return values.masked_fill(reference < cutoff, float("-inf"))
+
+
+class BranchContrastState(InterventionState):
+    """Per-run state of a method that replaces the next-token scores by a contrast with a second branch (ICD,
+    M3ID): the branch is built at each prefill (`build_branch`), follows beam reorders and is closed with the
+    run; `contrast` combines the main scores with the branch's."""
+
+    def __init__(self, spec: Any, run: Any) -> None:
+        super().__init__(spec, run)
+        self._branch: Branch | None = None
+
+    def build_branch(self, run: Any) -> Branch:
+        raise NotImplementedError
+
+    def contrast(self, logits: torch.Tensor, branch_logits: torch.Tensor, run: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def setup(self, run: Any) -> None:
+        if self._branch is not None:
+            self._branch.close()  # a second prefill of the same run restarts the branch
+        self._branch = self.build_branch(run)
+
+    def process_logits(self, logits: torch.Tensor, run: Any, new_tokens: torch.Tensor | None) -> torch.Tensor:
+        if self._branch is None:
+            return logits
+        return self.contrast(logits, self._branch.step(new_tokens), run)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self._branch is not None:
+            self._branch.reorder(index)
+
+    def close(self) -> None:
+        if self._branch is not None:
+            self._branch.close()
+        self._branch = None

@@ -30,8 +30,8 @@ import torch
 
 from vlmscope.decoding.session import GenerationRun
 from vlmscope.errors import InputError
-from vlmscope.interventions._common import Branch, plausibility_cut
-from vlmscope.interventions.base import INTERVENTIONS, Intervention, InterventionState
+from vlmscope.interventions._common import Branch, BranchContrastState, plausibility_cut
+from vlmscope.interventions.base import INTERVENTIONS, Intervention
 from vlmscope.models.adapters import Adapter
 
 # The reference scripts' five disturbance instructions (experiments/gen_scripts), plus SID's two ICD prefixes.
@@ -132,37 +132,19 @@ class ICD(Intervention):
         return _ICDRun(self, run)
 
 
-class _ICDRun(InterventionState):
+class _ICDRun(BranchContrastState):
     """ICD's per-run state: the disturbed-instruction branch."""
 
     spec: ICD
-
-    def __init__(self, spec: ICD, run: GenerationRun) -> None:
-        super().__init__(spec, run)
-        self._branch: Branch | None = None
 
     def prepare(self, run: GenerationRun) -> None:
         # Refuse an unsupported processor before anything runs (the branch itself is built after expansion).
         disturbed_inputs(run.adapter, run.batch, disturbance_text(self.disturbance), self.placement)
 
-    def setup(self, run: GenerationRun) -> None:
-        if self._branch is not None:
-            self._branch.close()  # a second prefill of the same run restarts the branch
+    def build_branch(self, run: GenerationRun) -> Branch:
         ids, mask, inputs = disturbed_inputs(run.adapter, run.batch, disturbance_text(self.disturbance),
                                              self.placement)
-        self._branch = Branch(run.model, run.adapter, ids, mask, inputs)
+        return Branch(run.model, run.adapter, ids, mask, inputs)
 
-    def process_logits(self, logits: torch.Tensor, run: GenerationRun, new_tokens: torch.Tensor | None
-                       ) -> torch.Tensor:
-        if self._branch is None:
-            return logits
-        return contrast_scores(logits, self._branch.step(new_tokens), self.alpha, self.beta)
-
-    def reorder(self, index: torch.Tensor) -> None:
-        if self._branch is not None:
-            self._branch.reorder(index)
-
-    def close(self) -> None:
-        if self._branch is not None:
-            self._branch.close()
-        self._branch = None
+    def contrast(self, logits: torch.Tensor, branch_logits: torch.Tensor, run: GenerationRun) -> torch.Tensor:
+        return contrast_scores(logits, branch_logits, self.alpha, self.beta)

@@ -23,8 +23,8 @@ from typing import ClassVar
 import torch
 
 from vlmscope.decoding.session import GenerationRun
-from vlmscope.interventions._common import Branch, plausibility_cut
-from vlmscope.interventions.base import INTERVENTIONS, Intervention, InterventionState
+from vlmscope.interventions._common import Branch, BranchContrastState, plausibility_cut
+from vlmscope.interventions.base import INTERVENTIONS, Intervention
 from vlmscope.models.adapters import Adapter
 
 
@@ -79,32 +79,14 @@ class M3ID(Intervention):
         return _M3IDRun(self, run)
 
 
-class _M3IDRun(InterventionState):
+class _M3IDRun(BranchContrastState):
     """M3ID's per-run state: the image-free branch."""
 
     spec: M3ID
 
-    def __init__(self, spec: M3ID, run: GenerationRun) -> None:
-        super().__init__(spec, run)
-        self._branch: Branch | None = None
+    def build_branch(self, run: GenerationRun) -> Branch:
+        return text_only_branch(run)
 
-    def setup(self, run: GenerationRun) -> None:
-        if self._branch is not None:
-            self._branch.close()  # a second prefill of the same run restarts the branch
-        self._branch = text_only_branch(run)
-
-    def process_logits(self, logits: torch.Tensor, run: GenerationRun, new_tokens: torch.Tensor | None
-                       ) -> torch.Tensor:
-        if self._branch is None:
-            return logits
+    def contrast(self, logits: torch.Tensor, branch_logits: torch.Tensor, run: GenerationRun) -> torch.Tensor:
         # run.step tokens are already generated, so these scores pick token number run.step + 1 (t0 = 1).
-        return m3id_scores(logits, self._branch.step(new_tokens), self.lam, run.step + self.t0, self.beta)
-
-    def reorder(self, index: torch.Tensor) -> None:
-        if self._branch is not None:
-            self._branch.reorder(index)
-
-    def close(self) -> None:
-        if self._branch is not None:
-            self._branch.close()
-        self._branch = None
+        return m3id_scores(logits, branch_logits, self.lam, run.step + self.t0, self.beta)
