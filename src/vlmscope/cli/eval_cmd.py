@@ -24,12 +24,16 @@ def register(sub: Any) -> None:
     parser.add_argument("--model", default=None, help="overrides the config's model")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: the config's)")
-    parser.add_argument("--data-path", required=True, help="directory holding COCO_val2014_*.jpg images")
+    parser.add_argument("--data-path", required=True, action="append",
+                        help="directory holding COCO_val2014_*.jpg images; POPE: one folder for every dataset of the "
+                        "run, or DATASET=DIR (repeatable: aokvqa=COCO_VAL2014, gqa=GQA_IMAGES) per dataset")
     parser.add_argument("--out", required=True, help="run directory (results, run.json, metrics.json, metrics.md)")
     parser.add_argument("--force-new", action="store_true",
                         help="discard the results stored in --out and start over (default: resume them)")
     parser.add_argument("--questions", nargs="+", default=None,
-                        help="POPE question file(s) (JSON lines); several splits are scored side by side")
+                        help="POPE question file(s) (JSON lines or array) or shipped sets by name: coco-random, "
+                        "aokvqa-popular, gqa-adversarial, ..., or coco / aokvqa / gqa (three splits each); several "
+                        "splits are scored side by side")
     parser.add_argument("--rule", default=None, help="POPE answer-parsing rule (default: official)")
     parser.add_argument("--gt-objects", default=None, help="CHAIR ground truth: {image_id: [objects]} JSON or "
                         "a COCO annotation directory (default: the shipped COCO-2014 cache)")
@@ -44,6 +48,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--protocol", default=None,
                         help="frozen protocol: chair opera-500 / opera-500-64 (images, prompt, tokens); pope pope-coco, "
                         "pope-random|popular|adversarial (the shipped 3,000-question splits unless --questions), "
+                        "pope-aokvqa[-SPLIT], pope-gqa[-SPLIT] (A-OKVQA / GQA, shipped), "
                         "pope-random-llava-2910 (pass its file with --questions); recorded in metrics.json")
     parser.add_argument("--normaliser", choices=("auto", "nltk", "builtin"), default="auto",
                         help="CHAIR text normaliser (default auto: NLTK when its data are installed)")
@@ -72,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from vlmscope.provenance import provenance
     from vlmscope.registry import spec_string
 
+    if args.task != "pope":  # POPE alone takes a folder per dataset
+        args.data_path = _single_data_path(args.data_path, args.task)
     config = load_config(args.config)
     decoding = resolve_method(_pick(args.decoding, config.decoding), config.methods, DECODINGS)
     interventions = [resolve_method(s, config.methods, INTERVENTIONS)
@@ -112,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         fn = answer_fn(vlm, settings["prompt_suffix"], settings["max_new_tokens"], decoding, interventions)
         report = run_pope_folder(folder, questions, fn, shard, settings["batch_size"], record,
-                                 image_root=args.data_path, rule=settings["rule"], force_new=args.force_new,
+                                 image_root=args.image_folders, rule=settings["rule"], force_new=args.force_new,
                                  bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
     if report.payload is None:  # not the main process: the main one scores and prints
         return 0
@@ -164,7 +171,7 @@ def _settings_chair(args: argparse.Namespace, config: Any, common: dict[str, Any
 
 def _settings_pope(args: argparse.Namespace, config: Any, common: dict[str, Any], protocol: Any
                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    from vlmscope.eval.pope import RULES, question_file_info
+    from vlmscope.eval.pope import RULES, question_file_info, question_set_files
     from vlmscope.eval.runner import question_key
     from vlmscope.eval.runs import ids_digest
 
@@ -175,8 +182,11 @@ def _settings_pope(args: argparse.Namespace, config: Any, common: dict[str, Any]
     if protocol is not None and not args.questions and protocol.fingerprints:
         from vlmscope.eval.protocols import bundled_pope_file
 
-        args.questions = [str(bundled_pope_file(s)) for s in protocol.splits]
-    questions = _pope_questions(args.questions, args.data_path)
+        args.questions = [str(bundled_pope_file(s.removeprefix(f"{protocol.dataset}-"), protocol.dataset))
+                          for s in protocol.splits]
+    questions, folders = _pope_questions(args.questions, args.data_path)
+    # One folder for the whole run: passed as it always was; otherwise one per dataset.
+    args.image_folders = next(iter(folders.values())) if len(set(folders.values())) == 1 else folders
     if protocol is not None:
         from vlmscope.eval.protocols import check_pope_questions
 
@@ -184,12 +194,16 @@ def _settings_pope(args: argparse.Namespace, config: Any, common: dict[str, Any]
         for q in questions:
             by_split.setdefault(q["split"], []).append(q)
         check_pope_questions(protocol, by_split)
-    files = [question_file_info(f) for f in args.questions]
+    files = [question_file_info(f) for f in question_set_files(args.questions)]
+    if isinstance(args.image_folders, Path):
+        data_path: Any = str(args.image_folders.resolve())
+    else:
+        data_path = {d or "unnamed": str(p.resolve()) for d, p in folders.items()}
     settings = {
         **common,
         "prompt_suffix": _pick(None, opts.get("prompt_suffix"), ""),
         "max_new_tokens": _pick(args.max_new_tokens, opts.get("max_new_tokens"), 16),
-        "data_path": str(Path(args.data_path).resolve()),
+        "data_path": data_path,
         "questions": [{"path": str(Path(f["path"]).resolve()), "sha256": f["sha256"], "lines": f["lines"]}
                       for f in files],
         "num_questions": len(questions),
@@ -221,18 +235,18 @@ def _protocol_items(protocol: Any, args: argparse.Namespace) -> list[tuple[int, 
         return coco_items(args.data_path, None, None, path, args.listing)
 
 
-def _pope_questions(files: list[str] | None, data_path: str) -> list[dict[str, Any]]:
-    from vlmscope.eval.pope import load_questions
+def _single_data_path(values: list[str], task: str) -> str:
+    if len(values) != 1 or ("=" in values[0] and not Path(values[0]).is_dir()):
+        raise InputError(f"{task} takes one --data-path folder (DATASET=DIR is for POPE); give one folder")
+    return values[0]
 
-    if not files:
-        raise InputError("POPE needs --questions F.jsonl (e.g. the shipped coco_pope_random.jsonl)")
-    root = Path(data_path)
-    if not root.is_dir():
-        raise InputError(f"image folder not found: {root}; pass the COCO val2014 folder as --data-path")
-    questions = [q for f in files for q in load_questions(f)]
+
+def _pope_questions(specs: list[str] | None, data_paths: list[str]) -> tuple[list[dict[str, Any]], dict[Any, Path]]:
+    from vlmscope.eval.pope import image_folders, load_question_sets
+
+    if not specs:
+        raise InputError("POPE needs --questions: a shipped set (coco-random, aokvqa, gqa-popular, ...) or a file")
+    questions = load_question_sets(specs)
     if not questions:
-        raise InputError(f"no questions in {', '.join(files)}; pass POPE question files with one question a line")
-    missing = sorted({q["image"] for q in questions if not (root / q["image"]).is_file()})
-    if missing:
-        raise InputError(f"{len(missing)} POPE images are not in {root} (first: {missing[0]}); check --data-path")
-    return questions
+        raise InputError(f"no questions in {', '.join(specs)}; pass POPE question files with one question a line")
+    return questions, image_folders(data_paths, questions)

@@ -16,8 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s = sub.add_parser("score", help="accuracy, precision, recall, F1 and yes-ratio of model answers")
     s.add_argument("--answers", type=Path, required=True, help="answers, JSON lines with question_id and answer/text")
     s.add_argument(
-        "--questions", type=Path, required=True, action="append",
-        help="question file(s) (JSON lines); repeat for several splits",
+        "--questions", required=True, action="append",
+        help="question file(s) (JSON lines or array) or shipped sets by name (coco-random, aokvqa-popular, "
+        "gqa-adversarial, ..., or coco / aokvqa / gqa for three splits); repeat for several splits",
     )  # fmt: skip
     s.add_argument(
         "--rule", default="official",
@@ -28,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="answers to questions not in the question files: an error (default), or counted and skipped")
     add_json_arg(s, "print only the metrics as one JSON object on stdout (the table goes to stderr)")
     s.add_argument("--protocol", help="check the questions are a frozen POPE protocol's (pope-random, pope-popular, "
-                   "pope-adversarial, pope-coco, pope-random-llava-2910) and record it")
+                   "pope-adversarial, pope-coco, pope-random-llava-2910, pope-aokvqa[-SPLIT], pope-gqa[-SPLIT]) "
+                   "and record it")
     s.add_argument("--bootstrap", type=int, default=1000, metavar="DRAWS",
                    help="bootstrap draws for the 95%% intervals, images resampled (default 1000; 0: no intervals)")
     s.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
@@ -48,12 +50,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _score(args: argparse.Namespace) -> int:
     from vlmscope.errors import InputError
-    from vlmscope.eval.pope import METRIC_NAMES, load_answers, load_questions, pope_scores
+    from vlmscope.eval.pope import (
+        DATASET_TITLES,
+        METRIC_NAMES,
+        dataset_groups,
+        load_answers,
+        load_question_sets,
+        pope_scores,
+    )
     from vlmscope.eval.stats import pope_intervals
 
     if args.bootstrap < 0:
         raise InputError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    questions = [q for path in args.questions for q in load_questions(path)]
+    questions = load_question_sets(args.questions)
     protocol = None
     if args.protocol is not None:
         from vlmscope.eval.protocols import check_pope_questions, get_protocol
@@ -77,10 +86,14 @@ def _score(args: argparse.Namespace) -> int:
         print(f"  {split:<12}" + "".join(f"{m[k]:10.1f}" for k in METRIC_NAMES) + f"{m['unparsed']:10d}", file=text)
         if ci:
             print(f"  {'  95% CI':<12}" + "".join(f"{_span(ci[f'{split}/{k}']):>10}" for k in METRIC_NAMES), file=text)
-    if len(out["splits"]) > 1:
-        print(f"  {'mean':<12}" + "".join(f"{out['mean'][k]:10.1f}" for k in METRIC_NAMES), file=text)
+    # With A-OKVQA / GQA splits each dataset gets its own mean, and none is taken across datasets.
+    groups = dataset_groups(out["items"])
+    means = ([(f"{DATASET_TITLES.get(d, d)} mean", out["datasets"][d]["mean"], f"{d}/") for d in groups
+              if len(groups[d]) > 1] if groups else [("mean", out["mean"], "")] if len(out["splits"]) > 1 else [])
+    for name, mean, prefix in means:
+        print(f"  {name:<12}" + "".join(f"{mean[k]:10.1f}" for k in METRIC_NAMES), file=text)
         if ci:
-            print(f"  {'  95% CI':<12}" + "".join(f"{_span(ci[k]):>10}" for k in METRIC_NAMES), file=text)
+            print(f"  {'  95% CI':<12}" + "".join(f"{_span(ci[prefix + k]):>10}" for k in METRIC_NAMES), file=text)
     if ci:
         print(f"  (intervals: {args.bootstrap} bootstrap draws over images, seed {args.bootstrap_seed})", file=text)
     if args.json:
@@ -89,9 +102,13 @@ def _score(args: argparse.Namespace) -> int:
             "n_questions": out["n_questions"],
             "matched_by": out["matched_by"],
             "extra_answers": out["extra_answers"],
-            "splits": {s: {k: m[k] for k in (*METRIC_NAMES, "n", "unparsed", "empty")} for s, m in out["splits"].items()},
-            "mean": out["mean"],
+            "splits": {s: {k: m[k] for k in (*METRIC_NAMES, "n", "unparsed", "empty", "dataset") if k in m}
+                       for s, m in out["splits"].items()},
         }
+        if groups:
+            record["datasets"] = {d: out["datasets"][d] for d in groups}
+        else:
+            record["mean"] = out["mean"]
         if ci:
             record["intervals"] = {k: [v.low, v.high] for k, v in ci.items()}
         if protocol is not None:

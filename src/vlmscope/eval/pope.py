@@ -17,6 +17,14 @@ question, "no" in it — also inside "not", "know", "cannot" — for a no questi
 ``lmms-eval``): the stripped, lower-cased answer must be exactly "yes" or "no"; anything else is wrong for
 accuracy and left out of precision/recall. The yes-ratio is always computed from the predictions. Every
 split reports ``unparsed`` (exact rule) and ``empty`` answers (mapped to "yes" by the sentence rules).
+
+Shipped question sets, by name (`load_question_sets`): ``coco-random`` / ``coco-popular`` / ``coco-adversarial``
+(the official COCO files), ``aokvqa-*`` (A-OKVQA, COCO val2014 images ``COCO_val2014_<id>.jpg``) and ``gqa-*``
+(GQA, Visual Genome images ``<id>.jpg``), and ``coco`` / ``aokvqa`` / ``gqa`` for a dataset's three splits.
+Splits of A-OKVQA and GQA are labelled ``<dataset>-<split>`` (``aokvqa-random``) wherever a split is named —
+question keys, answers, metrics — and COCO's keep their plain names (``random``), as before. A question file
+given by path is recognised as a shipped set by its fingerprint (any formatting), else by a file name
+starting with ``aokvqa``/``gqa``/``coco``; anything else is an unnamed set, labelled by split only.
 """
 
 from __future__ import annotations
@@ -36,13 +44,22 @@ from vlmscope.errors import InputError
 __all__ = [
     "RULES",
     "SPLITS",
+    "POPE_DATASETS",
+    "QUESTION_SET_NAMES",
     "build_pope",
     "coco_image_objects",
+    "dataset_groups",
+    "dataset_summary",
+    "image_folders",
+    "load_question_sets",
     "load_answers",
     "load_questions",
     "parse_answer",
     "pope_scores",
+    "pope_splits_markdown",
     "question_file_info",
+    "question_set_files",
+    "split_label",
     "write_questions",
 ]
 
@@ -52,6 +69,16 @@ PLURAL_TEMPLATE = "Are there {} in the image?"
 # COCO category names that are plural nouns: "Is there a skis ..." in the official files.
 PLURAL_NAMES = frozenset({"skis", "scissors"})
 METRIC_NAMES = ("Accuracy", "Precision", "Recall", "F1", "Yes_ratio")
+# The datasets of the shipped question sets, and what their images are (file names, where they come from).
+POPE_DATASETS: dict[str, str] = {
+    "coco": "MSCOCO val2014 images (COCO_val2014_<12-digit id>.jpg)",
+    "aokvqa": "A-OKVQA's MSCOCO val2014 images (COCO_val2014_<12-digit id>.jpg)",
+    "gqa": "GQA images (<Visual Genome id>.jpg, from GQA's images.zip)",
+}
+DATASET_TITLES = {"coco": "MSCOCO", "aokvqa": "A-OKVQA", "gqa": "GQA"}
+QUESTION_SET_NAMES: tuple[str, ...] = tuple(
+    name for d in POPE_DATASETS for name in (d, *(f"{d}-{s}" for s in SPLITS))
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -156,6 +183,127 @@ def question_file_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "first_image": questions[0]["image"] if questions else None,
         "id_base": min((q["question_id"] for q in questions), default=None),
     }
+
+
+def split_label(dataset: str | None, split: str) -> str:
+    """How a split is named in keys and metrics: ``aokvqa-random``; COCO's (and unnamed sets') stay ``random``."""
+    return split if dataset in (None, "coco") else f"{dataset}-{split}"
+
+
+def _question_sources(spec: str) -> list[tuple[Path, str | None, str | None]]:
+    """``[(file, dataset, split)]`` of one ``--questions`` value: a shipped set's name or a file path."""
+    from vlmscope.eval.protocols import bundled_pope_file
+
+    if spec in POPE_DATASETS:
+        return [(bundled_pope_file(s, spec), spec, s) for s in SPLITS]
+    dataset, _, split = spec.partition("-")
+    if dataset in POPE_DATASETS and split in SPLITS:
+        return [(bundled_pope_file(split, dataset), dataset, split)]
+    path = Path(spec)
+    if not path.exists() and not path.suffix and "/" not in spec and os.sep not in spec:
+        raise InputError(f"unknown POPE question set {spec!r}; use one of {', '.join(QUESTION_SET_NAMES)} or a file path")
+    return [(path, None, None)]
+
+
+def question_set_files(specs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The question files behind ``--questions`` values (shipped set names resolved to their files)."""
+    return [path for spec in specs for path, _, _ in _question_sources(str(spec))]
+
+
+def load_question_sets(specs: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """The questions of shipped set names (``aokvqa-random``, ``gqa``, ...) and/or question files, in order.
+
+    Each question gets ``split`` = its `split_label` and, when its dataset is known, ``dataset``. A file is a
+    shipped set when its questions' fingerprint is one (``vlmscope.eval.protocols.identify_pope_questions``),
+    else its dataset is the file name's prefix (aokvqa, gqa, coco) if it has one. The same split twice is
+    refused: its question keys would collide.
+    """
+    from vlmscope.eval.protocols import identify_pope_questions
+
+    out: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    for spec in specs:
+        for path, dataset, split in _question_sources(str(spec)):
+            questions = load_questions(path, split)  # split None: guessed from the file name, per record
+            if dataset is None:
+                known = identify_pope_questions(questions)
+                if known is not None:
+                    dataset, split = known
+                    for q in questions:
+                        q["split"] = split
+                else:
+                    dataset = next((d for d in POPE_DATASETS if path.name.lower().startswith(d)), None)
+            labels = set()
+            for q in questions:
+                if q["split"] in SPLITS:
+                    q["split"] = split_label(dataset, q["split"])
+                if dataset is not None:
+                    q["dataset"] = dataset
+                labels.add(q["split"])
+            for label in sorted(labels):
+                if label in seen:
+                    raise InputError(f"POPE split {label} is given twice ({seen[label]} and {spec}); pass each "
+                                     "question set once")
+                seen[label] = str(spec)
+            out.extend(questions)
+    return out
+
+
+def _data_path_entry(value: str) -> tuple[str | None, str]:
+    name, sep, folder = value.partition("=")
+    if not sep or Path(value).is_dir():
+        return None, value
+    if name not in POPE_DATASETS:
+        raise InputError(f"--data-path {value}: unknown dataset {name!r}; use {'=, '.join(POPE_DATASETS)}=DIR or "
+                         "a plain folder")
+    return name, folder
+
+
+def image_folders(data_paths: Sequence[str], questions: Sequence[Mapping[str, Any]]) -> dict[str | None, Path]:
+    """The image folder of every dataset of `questions` (key None: questions of an unnamed set).
+
+    ``--data-path DIR`` serves every dataset of the run; ``--data-path gqa=DIR`` (repeatable) serves one,
+    and a plain folder then serves the others. Refuses (`InputError`, one line) before anything loads: an
+    entry given twice, a dataset without a folder, a folder that does not exist, a missing image (naming its
+    path and the fix)."""
+    default: str | None = None
+    per: dict[str, str] = {}
+    for value in data_paths:
+        name, folder = _data_path_entry(str(value))
+        if name is None:
+            if default is not None:
+                raise InputError(f"--data-path given twice ({default}, {folder}); give one plain folder, and "
+                                 "DATASET=DIR for the datasets whose images are elsewhere")
+            default = folder
+        elif name in per:
+            raise InputError(f"--data-path {name}= given twice; give one folder per dataset")
+        else:
+            per[name] = folder
+    datasets = list(dict.fromkeys(q.get("dataset") for q in questions))
+    unused = sorted(set(per) - set(datasets))
+    if unused:
+        raise InputError(f"--data-path {unused[0]}=... names a dataset this run has no questions of; drop it or "
+                         f"add its questions (--questions {unused[0]})")
+    folders: dict[str | None, Path] = {}
+    for dataset in datasets:
+        folder = per.get(dataset, default) if dataset is not None else default
+        what = POPE_DATASETS.get(dataset or "", "the images the questions name")
+        if folder is None:
+            raise InputError(f"no image folder for the {dataset} questions; pass --data-path {dataset}=DIR "
+                             f"(DIR holding {what})")
+        root = Path(folder)
+        if not root.is_dir():
+            flag = f"{dataset}=DIR" if dataset in per else "DIR"
+            raise InputError(f"image folder not found: {root}; pass --data-path {flag} with DIR holding {what}")
+        missing = sorted({q["image"] for q in questions if q.get("dataset") == dataset
+                          and not (root / q["image"]).is_file()})
+        if missing:
+            name = "POPE" if dataset is None else dataset
+            flag = "DIR" if dataset is None or (dataset not in per and len(datasets) == 1) else f"{dataset}=DIR"
+            raise InputError(f"{len(missing)} {name} images are not in {root} (first: {root / missing[0]}); pass "
+                             f"--data-path {flag} with DIR holding {what}")
+        folders[dataset] = root
+    return folders
 
 
 _ANSWER_KEYS = ("answer", "text", "prediction", "output", "response")
@@ -294,6 +442,7 @@ def pope_scores(
             raise InputError(f"{len(ans)} answers for {len(qs)} questions; give one answer per question, in order")
         texts = [_answer_text(a) for a in ans]
     groups: dict[str, tuple[list[str | None], list[str]]] = {}
+    dataset_of: dict[str, str] = {}
     empty: Counter[str] = Counter()
     items = []  # per question, for bootstrap intervals and paired comparisons (vlmscope.eval.stats)
     for q, text in zip(qs, texts):
@@ -303,12 +452,79 @@ def pope_scores(
         preds.append(parse_answer(text, rule, label))
         labels.append(label)
         empty[split] += text is None or not str(text).strip()
+        if q.get("dataset"):
+            dataset_of.setdefault(split, str(q["dataset"]))
         items.append({"split": split, "question_id": q["question_id"], "image": q.get("image"), "label": label,
-                      "pred": preds[-1]})
-    splits = {name: {**_metrics(*groups[name]), "empty": empty[name]} for name in groups}
-    mean = {k: sum(s[k] for s in splits.values()) / len(splits) for k in METRIC_NAMES} if splits else {}
-    return {"rule": rule, "n_questions": len(qs), "matched_by": "question_id" if keyed else "position",
-            "extra_answers": extra_answers, "splits": splits, "mean": mean, "items": items}
+                      "pred": preds[-1], **({"dataset": str(q["dataset"])} if q.get("dataset") else {})})
+    splits = {name: {**_metrics(*groups[name]), "empty": empty[name],
+                     **({"dataset": dataset_of[name]} if name in dataset_of else {})} for name in groups}
+    mean = _mean(splits.values())
+    out = {"rule": rule, "n_questions": len(qs), "matched_by": "question_id" if keyed else "position",
+           "extra_answers": extra_answers, "splits": splits, "mean": mean, "items": items}
+    if dataset_of:
+        out["datasets"] = dataset_summary(splits)
+    return out
+
+
+def _mean(splits: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    rows = list(splits)
+    return {k: sum(s[k] for s in rows) / len(rows) for k in METRIC_NAMES} if rows else {}
+
+
+def dataset_groups(items: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """``{dataset: [split labels]}`` whose means a run reports as ``"<dataset>/<metric>"``, from `pope_scores`
+    items: every dataset of a run with A-OKVQA or GQA questions or with several datasets (then no mean is
+    taken across datasets); ``{}`` for a COCO-only or unnamed run, which keeps the plain metric names."""
+    groups: dict[str, list[str]] = {}
+    for it in items:
+        if it.get("dataset"):
+            labels = groups.setdefault(str(it["dataset"]), [])
+            if it["split"] not in labels:
+                labels.append(str(it["split"]))
+    return {} if set(groups) <= {"coco"} else groups
+
+
+def pope_splits_markdown(payload: Mapping[str, Any]) -> str:
+    """A markdown table of a metrics payload: one row per dataset and split (and each dataset's mean), with
+    the dataset named in every row; 95 % intervals beside the values when the payload has them."""
+    intervals = payload.get("intervals") or {}
+    metrics = payload.get("metrics") or {}
+
+    def cells(key_prefix: str, m: Mapping[str, Any]) -> str:
+        out = []
+        for k in METRIC_NAMES:
+            iv = intervals.get(f"{key_prefix}{k}")
+            out.append(f"{m[k]:.1f}" + (f" [{iv[0]:.1f}, {iv[1]:.1f}]" if iv else ""))
+        return " | ".join(out)
+
+    level = payload.get("bootstrap", {}).get("level")
+    note = f" (95 % intervals: {payload['bootstrap']['draws']} bootstrap draws over images)" if level else ""
+    lines = [f"## per dataset and split{note}", "",
+             "| dataset | split | questions | " + " | ".join(METRIC_NAMES) + " |",
+             "|---|---|---:|" + "---:|" * len(METRIC_NAMES)]
+    for label, m in (payload.get("splits") or {}).items():
+        dataset = m.get("dataset")
+        split = label[len(dataset) + 1:] if dataset and label.startswith(f"{dataset}-") else label
+        title = DATASET_TITLES.get(dataset or "", dataset or "unnamed")
+        lines.append(f"| {title} | {split} | {m['n']} | {cells(f'{label}/', m)} |")
+    for dataset, entry in (payload.get("datasets") or {}).items():
+        if len(entry["splits"]) > 1:
+            prefix = f"{dataset}/" if f"{dataset}/Accuracy" in metrics else ""
+            title = DATASET_TITLES.get(dataset, dataset)
+            lines.append(f"| {title} | mean of {len(entry['splits'])} | | {cells(prefix, entry['mean'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def dataset_summary(splits: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{dataset: {"splits": [labels], "mean": {metric: mean over its splits}}}`` of `pope_scores` splits that
+    name their dataset (a run mixing datasets gets one mean per dataset, never one across them only)."""
+    out: dict[str, dict[str, Any]] = {}
+    for label, m in splits.items():
+        if m.get("dataset"):
+            out.setdefault(str(m["dataset"]), {"splits": []})["splits"].append(label)
+    for entry in out.values():
+        entry["mean"] = _mean(splits[label] for label in entry["splits"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 
 from vlmscope.errors import InputError
 from vlmscope.eval.chair import METRIC_KEYS, chair_scores, load_gt_objects
-from vlmscope.eval.pope import METRIC_NAMES, pope_scores
+from vlmscope.eval.pope import METRIC_NAMES, dataset_groups, pope_scores, pope_splits_markdown
 from vlmscope.eval.stats import chair_intervals, pope_intervals
 from vlmscope.eval.store import ResultStore
 
@@ -206,22 +206,31 @@ def answer_questions(
     store: ResultStore | str | os.PathLike[str],
     batch_size: int = 1,
     progress: bool = True,
-    image_root: str | os.PathLike[str] | None = None,
+    image_root: str | os.PathLike[str] | Mapping[str | None, str | os.PathLike[str]] | None = None,
     desc: str = "answering",
 ) -> ResultStore:
     """Answer every question not yet in `store`, one stored batch at a time.
 
     Rows stored: the question fields plus ``answer`` and ``qkey`` (``"split:question_id"``). A store given as
     a path is keyed by ``qkey``; a `ResultStore` keyed by ``question_id`` works for a single split. Image
-    paths are ``image_root / question["image"]`` when `image_root` is given.
+    paths are ``image_root / question["image"]`` when `image_root` is given; a mapping ``{dataset: folder}``
+    gives each question the folder of its ``dataset`` (`vlmscope.eval.pope.image_folders`).
     """
     results = _store(store, "qkey")
     rows_in = _keyed_questions(questions, results.key)
     pending = [r for r in rows_in if r[results.key] not in results]
-    root = Path(image_root) if image_root is not None else None
+    if isinstance(image_root, Mapping):
+        roots = {k: Path(v) for k, v in image_root.items()}
+    else:
+        roots = {} if image_root is None else {"*": Path(image_root)}
+
+    def image_path(q: Mapping[str, Any]) -> str:
+        root = roots.get(q.get("dataset"), roots.get("*")) if roots else None
+        return str(root / q["image"]) if root else str(q["image"])
+
     with _progress(len(rows_in), len(rows_in) - len(pending), desc, progress) as bar:
         for batch in _batches(pending, batch_size):
-            pairs = [(str(root / q["image"]) if root else str(q["image"]), str(q["text"])) for q in batch]
+            pairs = [(image_path(q), str(q["text"])) for q in batch]
             answers = list(answer_fn(pairs))
             if len(answers) != len(batch):
                 raise ValueError(f"answer_fn returned {len(answers)} answers for {len(batch)} questions")
@@ -252,7 +261,12 @@ def score_pope(
     answered = [stored[r[results.key]] for r in rows_in]
     # Positional matching: question ids repeat across splits.
     scores = pope_scores([r["answer"] for r in answered], rows_in, rule=rule) if answered else {"splits": {}, "mean": {}}
-    flat = dict(scores["mean"])
+    # A run with A-OKVQA / GQA questions names every number by its dataset ("aokvqa/F1", "aokvqa-random/F1").
+    groups = dataset_groups(scores.get("items", []))
+    if groups:
+        flat = {f"{d}/{k}": v for d, entry in scores["datasets"].items() for k, v in entry["mean"].items()}
+    else:
+        flat = dict(scores["mean"])
     if len(scores["splits"]) > 1:
         for split, m in scores["splits"].items():
             flat[f"{split}/Accuracy"] = m["Accuracy"]
@@ -263,12 +277,16 @@ def score_pope(
         "metrics": {k: flat[k] for k in [*METRIC_NAMES, *sorted(set(flat) - set(METRIC_NAMES))] if k in flat},
         **_intervals(intervals),
         "splits": scores["splits"],
+        **({"datasets": scores["datasets"]} if "datasets" in scores else {}),
         "settings": {"rule": rule, **(settings or {})},
         "results_file": results.path.name,
         "n_items": len(rows_in),
     }
     out = Path(out_dir) if out_dir is not None else results.path.parent
     write_metrics(out, payload)
+    if "datasets" in scores:
+        with (out / "metrics.md").open("a", encoding="utf-8") as md:
+            md.write("\n" + pope_splits_markdown(payload))
     _write_json(out / "pope_details.json", {"rule": rule, "items": scores.get("items", [])})
     return payload
 

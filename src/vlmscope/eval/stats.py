@@ -260,9 +260,10 @@ def pope_image_counts(items: Sequence[Mapping[str, Any]]) -> tuple[list[Any], di
     return keys, grouped, splits
 
 
-def pope_metric_fns(splits: Sequence[str]) -> dict[str, MetricFn]:
+def pope_metric_fns(splits: Sequence[str], groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, MetricFn]:
     """Metric functions over `pope_image_counts` columns: ``"<split>/<metric>"`` and the mean over splits
-    (plain metric names, as `pope_scores(...)["mean"]`)."""
+    (plain metric names, as `pope_scores(...)["mean"]`); with `groups` (``{dataset: [splits]}``,
+    `vlmscope.eval.pope.dataset_groups`) each dataset's mean, ``"<dataset>/<metric>"``, instead of the mean."""
 
     def per_split(split: str, fn: MetricFn) -> MetricFn:
         return lambda c: fn({k.split("/", 1)[1]: v for k, v in c.items() if k.startswith(split + "/")})
@@ -270,9 +271,13 @@ def pope_metric_fns(splits: Sequence[str]) -> dict[str, MetricFn]:
     fns: dict[str, MetricFn] = {}
     for name, fn in POPE_METRICS.items():
         parts = [per_split(s, fn) for s in splits]
-        fns[name] = lambda c, parts=parts: sum(p(c) for p in parts) / len(parts)
+        if not groups:  # with datasets named, no mean is taken across them
+            fns[name] = lambda c, parts=parts: sum(p(c) for p in parts) / len(parts)
         for split, part in zip(splits, parts):
             fns[f"{split}/{name}"] = part
+        for dataset, members in (groups or {}).items():
+            chosen = [part for split, part in zip(splits, parts) if split in members]
+            fns[f"{dataset}/{name}"] = lambda c, chosen=chosen: sum(p(c) for p in chosen) / len(chosen)
     return fns
 
 
@@ -282,5 +287,7 @@ def pope_intervals(
     """Bootstrap intervals (images resampled) of the split means and of every split's metrics ({} if empty)."""
     if not items:
         return {}
+    from vlmscope.eval.pope import dataset_groups
+
     _, counts, splits = pope_image_counts(items)
-    return bootstrap_intervals(counts, pope_metric_fns(splits), draws, seed, level)
+    return bootstrap_intervals(counts, pope_metric_fns(splits, dataset_groups(items)), draws, seed, level)
