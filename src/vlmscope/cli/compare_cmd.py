@@ -2,7 +2,8 @@
 
 Every run after the first is compared with the first on the items (images) both scored: each metric's
 difference (run − first) with a paired bootstrap interval and p-value (`vlmscope.eval.stats`). Runs of
-different protocols are refused unless ``--allow-protocol-mismatch`` is given.
+different protocols, and POPE runs on different datasets (COCO, A-OKVQA, GQA: metrics.json ``datasets``; a run
+that records none counts as COCO), are refused unless ``--allow-protocol-mismatch`` is given.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="paired bootstrap draws (default 1000; 0: table only)")
     p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
     p.add_argument("--allow-protocol-mismatch", action="store_true",
-                   help="compare runs recorded under different protocols (their difference then mixes protocols)")
+                   help="compare runs recorded under different protocols or, for POPE, on different datasets "
+                   "(their difference then mixes them)")
     p.add_argument("--json", action="store_true", help="print runs and comparisons as one JSON line")
     p.set_defaults(func=_compare)
 
@@ -68,6 +70,11 @@ def _protocol_name(data: dict) -> str | None:
     return protocol.get("name") if isinstance(protocol, dict) else protocol
 
 
+def _pope_datasets(data: dict) -> str:
+    """The POPE datasets a run answered (``"aokvqa+gqa"``); runs from before datasets were recorded are COCO's."""
+    return "+".join(sorted(data.get("datasets") or {})) or "coco"
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -91,9 +98,11 @@ def _items(data: dict) -> tuple[str, list, dict[str, np.ndarray], dict[str, Any]
         return task, keys, counts, dict(stats.CHAIR_METRICS)
     if not (folder / "pope_details.json").is_file():
         return None
+    from vlmscope.eval.pope import dataset_groups
+
     items = _read_json(folder / "pope_details.json").get("items") or []
     keys, counts, splits = stats.pope_image_counts(items)
-    return task, keys, counts, stats.pope_metric_fns(splits)
+    return task, keys, counts, stats.pope_metric_fns(splits, dataset_groups(items))
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -120,6 +129,11 @@ def _compare(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{n}: {p or 'none'}" for n, p in zip(names, protocols))
         raise InputError(f"runs were made under different protocols ({shown}); compare runs of one protocol, "
                          "or pass --allow-protocol-mismatch")
+    datasets = [_pope_datasets(data) for _, data in loaded]
+    if tasks == {"pope"} and len(set(datasets)) > 1 and not args.allow_protocol_mismatch:
+        shown = ", ".join(f"{n}: {d}" for n, d in zip(names, datasets))
+        raise InputError(f"POPE runs on different datasets ({shown}); compare runs on the same datasets, or pass "
+                         "--allow-protocol-mismatch")
     shown_columns = columns or list(dict.fromkeys(k for _, data in loaded for k in data["metrics"]))
     settings = [data.get("settings") if isinstance(data.get("settings"), dict) else {} for _, data in loaded]
     shown = [c for c in SETTING_COLUMNS if any(c in s for s in settings)]

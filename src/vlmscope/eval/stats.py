@@ -284,10 +284,19 @@ def pope_metric_fns(splits: Sequence[str], groups: Mapping[str, Sequence[str]] |
 def pope_intervals(
     items: Sequence[Mapping[str, Any]], draws: int = DEFAULT_DRAWS, seed: int = 0, level: float = 0.95
 ) -> dict[str, Interval]:
-    """Bootstrap intervals (images resampled) of the split means and of every split's metrics ({} if empty)."""
+    """Bootstrap intervals (images resampled) of the split means and of every split's metrics ({} if empty);
+    with A-OKVQA / GQA questions, of each dataset's mean instead (`vlmscope.eval.pope.dataset_groups`)."""
     if not items:
         return {}
     from vlmscope.eval.pope import dataset_groups
 
+    groups = dataset_groups(items)
+    if len(groups) > 1:
+        # Stratified: each dataset's images are resampled on their own, so no draw lacks a dataset.
+        out: dict[str, Interval] = {}
+        for dataset in groups:
+            out.update(pope_intervals([it for it in items if it.get("dataset") == dataset], draws, seed, level))
+        rest = [it for it in items if it.get("dataset") not in groups]
+        return {**(pope_intervals(rest, draws, seed, level) if rest else {}), **out}
     _, counts, splits = pope_image_counts(items)
-    return bootstrap_intervals(counts, pope_metric_fns(splits, dataset_groups(items)), draws, seed, level)
+    return bootstrap_intervals(counts, pope_metric_fns(splits, groups), draws, seed, level)
