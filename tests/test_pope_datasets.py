@@ -365,3 +365,21 @@ def test_intervals_of_a_mixed_run_resample_each_dataset_on_its_own():
     assert {k: (v.low, v.high) for k, v in both.items() if k.startswith("gqa")} == \
         {k: (v.low, v.high) for k, v in alone.items()}
     assert not any(k in both for k in ("Accuracy", "F1"))  # no mean across datasets
+
+
+def test_protocol_and_data_path_refusals_come_before_images_and_model(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    common = ["--model", "no-such-model", "--data-path", str(empty), "--out", str(tmp_path / "run")]
+    # A dataset protocol reads its shipped files when no --questions are given ...
+    assert main(["eval", "pope", "--protocol", "pope-aokvqa", *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "500 aokvqa images are not in" in err[0] and "COCO_val2014_" in err[0]
+    # ... and refuses another dataset's questions before looking at any image.
+    assert main(["eval", "pope", "--protocol", "pope-aokvqa", "--questions", "coco", *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "protocol pope-aokvqa is the split(s) aokvqa-random" in err[0]
+    assert main(["eval", "chair", *common, "--data-path", f"gqa={empty}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "chair takes one --data-path folder" in err[0]
+    assert not (tmp_path / "run").exists()

@@ -171,7 +171,7 @@ def _settings_chair(args: argparse.Namespace, config: Any, common: dict[str, Any
 
 def _settings_pope(args: argparse.Namespace, config: Any, common: dict[str, Any], protocol: Any
                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    from vlmscope.eval.pope import RULES, question_file_info, question_set_files
+    from vlmscope.eval.pope import RULES, image_folders, question_file_info, question_set_files
     from vlmscope.eval.runner import question_key
     from vlmscope.eval.runs import ids_digest
 
@@ -184,9 +184,7 @@ def _settings_pope(args: argparse.Namespace, config: Any, common: dict[str, Any]
 
         args.questions = [str(bundled_pope_file(s.removeprefix(f"{protocol.dataset}-"), protocol.dataset))
                           for s in protocol.splits]
-    questions, folders = _pope_questions(args.questions, args.data_path)
-    # One folder for the whole run: passed as it always was; otherwise one per dataset.
-    args.image_folders = next(iter(folders.values())) if len(set(folders.values())) == 1 else folders
+    questions = _pope_questions(args.questions)
     if protocol is not None:
         from vlmscope.eval.protocols import check_pope_questions
 
@@ -194,6 +192,9 @@ def _settings_pope(args: argparse.Namespace, config: Any, common: dict[str, Any]
         for q in questions:
             by_split.setdefault(q["split"], []).append(q)
         check_pope_questions(protocol, by_split)
+    folders = image_folders(args.data_path, questions)
+    # One folder for the whole run: passed as it always was; otherwise one per dataset.
+    args.image_folders = next(iter(folders.values())) if len(set(folders.values())) == 1 else folders
     files = [question_file_info(f) for f in question_set_files(args.questions)]
     if isinstance(args.image_folders, Path):
         data_path: Any = str(args.image_folders.resolve())
@@ -241,12 +242,12 @@ def _single_data_path(values: list[str], task: str) -> str:
     return values[0]
 
 
-def _pope_questions(specs: list[str] | None, data_paths: list[str]) -> tuple[list[dict[str, Any]], dict[Any, Path]]:
-    from vlmscope.eval.pope import image_folders, load_question_sets
+def _pope_questions(specs: list[str] | None) -> list[dict[str, Any]]:
+    from vlmscope.eval.pope import load_question_sets
 
     if not specs:
         raise InputError("POPE needs --questions: a shipped set (coco-random, aokvqa, gqa-popular, ...) or a file")
     questions = load_question_sets(specs)
     if not questions:
         raise InputError(f"no questions in {', '.join(specs)}; pass POPE question files with one question a line")
-    return questions, image_folders(data_paths, questions)
+    return questions
