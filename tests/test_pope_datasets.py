@@ -383,3 +383,17 @@ def test_protocol_and_data_path_refusals_come_before_images_and_model(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "chair takes one --data-path folder" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_pope_score_table_names_the_dataset_of_every_row(tmp_path, capsys):
+    questions = load_question_sets(["gqa", "coco-random"])
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps({"question_id": q["question_id"], "split": q["split"], "answer": "Yes"}) + "\n"
+                            for q in questions))
+    assert main(["pope", "score", "--answers", str(path), "--questions", "gqa", "--questions", "coco-random",
+                 "--bootstrap", "0"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    # Everything "yes": accuracy 50, precision 50, recall 100, yes-ratio 100 in every split (hand-computed).
+    assert [r[:2] for r in rows] == [["GQA", "gqa-random"], ["GQA", "gqa-popular"], ["GQA", "gqa-adversarial"],
+                                     ["MSCOCO", "random"], ["GQA", "mean"]]
+    assert all(r[2:7] == ["50.0", "50.0", "100.0", "66.7", "100.0"] for r in rows)

@@ -80,20 +80,27 @@ def _score(args: argparse.Namespace) -> int:
     print(f"POPE, {out['n_questions']} questions, rule {out['rule']}{name}, answers matched by {out['matched_by']}"
           + (f", {out['extra_answers']} answers to other questions ignored" if out["extra_answers"] else ""),
           file=text)
-    header = f"  {'split':<12}" + "".join(f"{m:>10}" for m in METRIC_NAMES) + f"{'unparsed':>10}"
-    print(header, file=text)
-    for split, m in out["splits"].items():
-        print(f"  {split:<12}" + "".join(f"{m[k]:10.1f}" for k in METRIC_NAMES) + f"{m['unparsed']:10d}", file=text)
-        if ci:
-            print(f"  {'  95% CI':<12}" + "".join(f"{_span(ci[f'{split}/{k}']):>10}" for k in METRIC_NAMES), file=text)
-    # With A-OKVQA / GQA splits each dataset gets its own mean, and none is taken across datasets.
+    # With A-OKVQA / GQA splits each row names its dataset, each dataset gets its own mean, none is taken across.
     groups = dataset_groups(out["items"])
     means = ([(f"{DATASET_TITLES.get(d, d)} mean", out["datasets"][d]["mean"], f"{d}/") for d in groups
               if len(groups[d]) > 1] if groups else [("mean", out["mean"], "")] if len(out["splits"]) > 1 else [])
-    for name, mean, prefix in means:
-        print(f"  {name:<12}" + "".join(f"{mean[k]:10.1f}" for k in METRIC_NAMES), file=text)
+    width = max([12, *(len(s) + 1 for s in out["splits"]), *(len(n) + 1 for n, _, _ in means)])
+    lead = (lambda title: f"  {title:<9}") if groups else (lambda title: "  ")
+    header = lead("dataset") + f"{'split':<{width}}" + "".join(f"{m:>10}" for m in METRIC_NAMES) + f"{'unparsed':>10}"
+    print(header, file=text)
+    for split, m in out["splits"].items():
+        title = DATASET_TITLES.get(m.get("dataset") or "", m.get("dataset") or "unnamed")
+        print(lead(title) + f"{split:<{width}}" + "".join(f"{m[k]:10.1f}" for k in METRIC_NAMES)
+              + f"{m['unparsed']:10d}", file=text)
         if ci:
-            print(f"  {'  95% CI':<12}" + "".join(f"{_span(ci[prefix + k]):>10}" for k in METRIC_NAMES), file=text)
+            print(lead("") + f"{'  95% CI':<{width}}" + "".join(f"{_span(ci[f'{split}/{k}']):>10}" for k in METRIC_NAMES),
+                  file=text)
+    for name, mean, prefix in means:
+        print(lead(name.rsplit(" ", 1)[0] if groups else "") + f"{'mean' if groups else name:<{width}}"
+              + "".join(f"{mean[k]:10.1f}" for k in METRIC_NAMES), file=text)
+        if ci:
+            print(lead("") + f"{'  95% CI':<{width}}" + "".join(f"{_span(ci[prefix + k]):>10}" for k in METRIC_NAMES),
+                  file=text)
     if ci:
         print(f"  (intervals: {args.bootstrap} bootstrap draws over images, seed {args.bootstrap_seed})", file=text)
     if args.json:
