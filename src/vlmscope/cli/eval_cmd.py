@@ -18,7 +18,8 @@ from vlmscope.errors import InputError
 
 
 def register(sub: Any) -> None:
-    parser = sub.add_parser("eval", help="run CHAIR captioning or POPE answering on COCO-2014 images")
+    parser = sub.add_parser("eval", help="run CHAIR captioning or POPE answering on COCO-2014 images (POPE also "
+                            "on A-OKVQA and GQA)")
     parser.add_argument("task", choices=["chair", "pope"])
     parser.add_argument("--config", default=None, help="eval_configs/X.yaml")
     parser.add_argument("--model", default=None, help="overrides the config's model")

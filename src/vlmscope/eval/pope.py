@@ -289,7 +289,8 @@ def image_folders(data_paths: Sequence[str], questions: Sequence[Mapping[str, An
         folder = per.get(dataset, default) if dataset is not None else default
         what = POPE_DATASETS.get(dataset or "", "the images the questions name")
         if folder is None:
-            raise InputError(f"no image folder for the {dataset} questions; pass --data-path {dataset}=DIR "
+            flag = "DIR" if dataset is None else f"{dataset}=DIR"
+            raise InputError(f"no image folder for the {dataset or 'unnamed set'} questions; pass --data-path {flag} "
                              f"(DIR holding {what})")
         root = Path(folder)
         if not root.is_dir():
