@@ -550,3 +550,115 @@ def amber_scores(responses: Iterable[Mapping[str, Any]], task: str = "all", pars
                 "nouns": None if extract is None else NOUNS_NLTK if nouns is None else "custom",
                 "degenerate": degenerate or None, "unparsed": unparsed}
     return AmberResult(metrics, groups, dict(c), settings, items)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runs: `vlmscope eval amber` (folders: vlmscope.eval.runs) and `vlmscope amber score`
+
+AnswerFn = Callable[[list[tuple[str, str]]], Sequence[str]]
+HEADLINE = ("CHAIR", "Cover", "Hal", "Cog", "Accuracy", "Precision", "Recall", "F1", "Yes_ratio", "AMBER_Score")
+
+
+def select_queries(task: str = "all", num_images: int | None = None) -> list[dict[str, Any]]:
+    """The official queries of `task`, restricted to its first `num_images` images (in id order) if given."""
+    queries = amber_queries(task)
+    if num_images is None:
+        return queries
+    images: list[str] = []
+    for q in queries:
+        if q["image"] not in images:
+            images.append(q["image"])
+    keep = set(images[:num_images])
+    return [q for q in queries if q["image"] in keep]
+
+
+def check_images(queries: Sequence[Mapping[str, Any]], image_root: str | os.PathLike[str]) -> None:
+    """`InputError` unless every query's image (``AMBER_<id>.jpg``) is in `image_root`."""
+    root = Path(image_root)
+    if not root.is_dir():
+        raise InputError(f"image folder not found: {root}; pass the folder of AMBER_<id>.jpg images as --data-path")
+    missing = sorted({q["image"] for q in queries if not (root / q["image"]).is_file()},
+                     key=lambda name: (len(name), name))
+    if missing:
+        raise InputError(f"{len(missing)} AMBER images are not in {root} (first: {missing[0]}); check --data-path")
+
+
+def check_scoring(queries: Sequence[Mapping[str, Any]], similarity: str) -> None:
+    """Refuse, before any model loads, a scoring that cannot run (NLTK data, spaCy, a similarity table)."""
+    if any(q["id"] <= 1004 for q in queries):
+        _nouns_fn()
+        resolve_similarity(similarity)
+
+
+def answer_amber(queries: Sequence[Mapping[str, Any]], answer_fns: Mapping[str, AnswerFn], store: Any,
+                 batch_size: int, image_root: str | os.PathLike[str], progress: bool = True,
+                 desc: str = "amber") -> None:
+    """Answer every query not yet in `store` (keyed by ``id``), one stored batch at a time; descriptions and
+    yes/no questions go to ``answer_fns["generative"]`` / ``["discriminative"]`` (their token limits differ)."""
+    from tqdm import tqdm
+
+    root = Path(image_root)
+    pending = [q for q in queries if q["id"] not in store]
+    with tqdm(total=len(queries), initial=len(queries) - len(pending), desc=desc, unit="item",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for kind in ("generative", "discriminative"):
+            todo = [q for q in pending if (q["id"] <= 1004) == (kind == "generative")]
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                answers = list(answer_fns[kind]([(str(root / q["image"]), q["query"]) for q in batch]))
+                if len(answers) != len(batch):
+                    raise ValueError(f"answer_fn returned {len(answers)} answers for {len(batch)} queries")
+                store.append({"id": q["id"], "image": q["image"], "query": q["query"], "response": str(a)}
+                             for q, a in zip(batch, answers))
+                bar.update(len(batch))
+
+
+def score_amber(ids: Sequence[int], results_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                settings: Mapping[str, Any], task: str = "all", parser: str = "reference",
+                similarity: str | Similarity | None = "auto") -> dict[str, Any]:
+    """AMBER scores of the stored responses of `ids`; writes ``metrics.json``, ``metrics.md`` and
+    ``amber_details.json`` (per item: nouns, hallucinations, covered objects; parsed answers). Returns the payload."""
+    from vlmscope.eval.runner import write_metrics
+    from vlmscope.eval.store import ResultStore
+
+    store = ResultStore(results_path, key="id")
+    stored = {row["id"]: row for row in store.rows()}
+    missing = [i for i in ids if i not in stored]
+    if missing:
+        raise InputError(f"{len(missing)} queries have no response in {store.path} (first: {missing[0]}); "
+                         "run the answering first")
+    result = amber_scores([{"id": i, "response": stored[i]["response"]} for i in ids], task, parser, similarity)
+    payload = amber_payload(result, settings, store.path.name)
+    out = Path(out_dir)
+    write_metrics(out, payload)
+    tmp = out / "amber_details.json.tmp"
+    tmp.write_text(json.dumps({"settings": result.settings, "items": result.items}, indent=1, ensure_ascii=False)
+                   + "\n", encoding="utf-8")
+    os.replace(tmp, out / "amber_details.json")
+    return payload
+
+
+def amber_payload(result: AmberResult, settings: Mapping[str, Any] | None = None,
+                  results_file: str | None = None) -> dict[str, Any]:
+    """The ``metrics.json`` payload of a scoring."""
+    metrics = {k: result.metrics[k] for k in (*HEADLINE, *result.metrics) if k in result.metrics}
+    return {"task": "amber", "metrics": metrics, "groups": result.groups,
+            "scoring": result.settings, "settings": {**result.settings, **(settings or {})},
+            "results_file": results_file, "n_items": len(result.items)}
+
+
+def summary_line(result_settings: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
+    """One line of the headline figures and how they were scored."""
+    parts = [f"{k} {metrics[k]:.1f}" if isinstance(metrics[k], float) else f"{k} -"
+             for k in HEADLINE if k in metrics and k != "Yes_ratio"]
+    notes = [f"parser {result_settings['parser']}"]
+    if result_settings.get("similarity"):
+        notes.append(f"similarity {result_settings['similarity']}")
+    degenerate = result_settings.get("degenerate") or {}
+    if degenerate:  # the overall verdict when there is one, else the groups'
+        shown = {"discriminative": degenerate["discriminative"]} if "discriminative" in degenerate else degenerate
+        notes.append("DEGENERATE: " + ", ".join(f"{g} {v}" for g, v in shown.items()))
+    if result_settings.get("unparsed"):
+        hint = "; --amber-parser lenient reads yes/no substrings" if result_settings["parser"] == "reference" else ""
+        notes.append(f"{result_settings['unparsed']} answers neither 'Yes' nor 'No' (counted wrong{hint})")
+    return "AMBER  " + "  ".join(parts) + "  (" + "; ".join(notes) + ")"
