@@ -189,3 +189,15 @@ def test_similarity_modes_are_recorded(monkeypatch) -> None:
     assert spacy_run.settings["similarity"] == "spaCy 9.9 en_core_web_lg (> 0.8)"
     assert spacy_run.items[0]["covered"] == ["forest"] and spacy_run.items[0]["hallucinated"] == []
     assert len(calls) == len(set(calls))
+
+
+def test_fixture_inputs_are_what_the_tool_writes(tmp_path) -> None:
+    import importlib.util
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "parity" / "amber" / "make_inputs.py"
+    spec = importlib.util.spec_from_file_location("amber_make_inputs", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(tmp_path)
+    for name in ("responses.json", "responses_lenient.json", "similarity_table.json"):
+        assert (tmp_path / name).read_bytes() == (PARITY / name).read_bytes(), name

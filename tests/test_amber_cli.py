@@ -147,3 +147,19 @@ def test_amber_score_command(tmp_path, capsys, nltk_data):  # noqa: F811
     bad.write_text('[{"id": 1005, "response": "Yes"}, {"id": 1005, "response": "No"}]')
     assert main(["amber", "score", str(bad), "--out", str(tmp_path / "n")]) == 2
     assert "twice" in capsys.readouterr().err and not (tmp_path / "n").exists()
+
+
+def test_sharded_run_merges_every_row_once(amber_run, tmp_path, monkeypatch):
+    """Two accelerate processes simulated one after the other (rank 1, then rank 0 merges and scores):
+    the same rows, in query order, and the same metrics as the single-process run."""
+    import vlmscope.eval.model_eval as model_eval
+    from vlmscope.cli import main
+
+    data, single = amber_run
+    sharded = tmp_path / "sharded"
+    for rank in (1, 0):
+        monkeypatch.setattr(model_eval, "current_shard", lambda rank=rank: model_eval.Shard(rank, 2))
+        assert main(_argv(data, sharded)) == 0
+    assert (sharded / "responses.jsonl").read_text() == (single / "responses.jsonl").read_text()
+    assert json.loads((sharded / "metrics.json").read_text())["metrics"] == \
+        json.loads((single / "metrics.json").read_text())["metrics"]
