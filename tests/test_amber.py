@@ -201,3 +201,20 @@ def test_fixture_inputs_are_what_the_tool_writes(tmp_path) -> None:
     module.main(tmp_path)
     for name in ("responses.json", "responses_lenient.json", "similarity_table.json"):
         assert (tmp_path / name).read_bytes() == (PARITY / name).read_bytes(), name
+
+
+def test_bootstrap_intervals(nltk_data) -> None:
+    from vlmscope.eval.amber import amber_intervals
+
+    result = amber_scores(_responses(), "all", similarity="skip")
+    intervals = amber_intervals(result, draws=200, seed=3)
+    assert set(intervals) == {"CHAIR", "Cover", "Hal", "Cog", "Accuracy", "Precision", "Recall", "F1", "AMBER_Score"}
+    for name, iv in intervals.items():
+        # Plain pooled ratios: within rounding (0.05) and the 0.001 starts of the reported figure.
+        assert abs(iv.value - result.metrics[name]) <= 0.1, name
+        assert iv.low <= iv.value <= iv.high and iv.high > iv.low, name
+    assert amber_intervals(result, draws=200, seed=3) == intervals
+    # Always "No": every resample has recall 100 (all no-questions answered No).
+    always_no = amber_intervals(amber_scores(_all_discriminative("No"), "discriminative"), draws=50)
+    assert (always_no["Recall"].low, always_no["Recall"].high) == (100.0, 100.0)
+    assert always_no["F1"].low < 79.7 < always_no["F1"].high

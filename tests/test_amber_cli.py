@@ -69,13 +69,14 @@ def test_run_answers_the_official_queries_and_scores_them(amber_run):
     assert run["kind"] == "eval-amber"
     s = run["settings"]
     assert (s["amber_task"], s["amber_parser"], s["amber_similarity"], s["num_images"]) == ("all", "reference", "auto", 2)
-    assert s["decoding"] == "greedy" and s["num_queries"] == len(queries) and "bootstrap" not in s
+    assert s["decoding"] == "greedy" and s["num_queries"] == len(queries) and s["bootstrap"] == 1000
     metrics = json.loads((out / "metrics.json").read_text())
     expected = amber_scores([{"id": r["id"], "response": r["response"]} for r in rows], "all", similarity="skip")
     assert metrics["metrics"] == expected.metrics
     assert metrics["scoring"]["similarity"] == "skipped (spaCy en_core_web_lg not installed)"
     assert metrics["settings"]["decoding"] == "greedy"
     assert {"metrics.md", "amber_details.json"} <= set(p.name for p in out.iterdir())
+    assert set(metrics["intervals"]) >= {"CHAIR", "F1", "AMBER_Score"} and metrics["bootstrap"]["unit"] == "image"
 
 
 def test_kill_resume_rescore_and_refusals(amber_run, tmp_path, capsys):

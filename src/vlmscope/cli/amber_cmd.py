@@ -23,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="word-similarity step (default auto: spaCy en_core_web_lg if installed, else skipped)")
     s.add_argument("--out", type=Path, default=None,
                    help="also write metrics.json and amber_details.json into this folder")
+    s.add_argument("--bootstrap", type=int, default=1000, metavar="DRAWS",
+                   help="bootstrap draws for the 95%% intervals, images resampled (default 1000; 0: none)")
+    s.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
     add_json_arg(s, "print only the metrics as one JSON object on stdout (the summary goes to stderr)")
     s.set_defaults(func=_score)
 
@@ -37,7 +40,8 @@ def _score(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} is a file; name a folder")
     result = amber_scores(load_responses(args.responses), args.task, args.parser, args.similarity)
-    payload = amber_payload(result, results_file=args.responses.name)
+    payload = amber_payload(result, results_file=args.responses.name, bootstrap=args.bootstrap,
+                            bootstrap_seed=args.bootstrap_seed)
     text = human_stream(args)
     print(metrics_markdown([(args.responses.name, payload["metrics"])]), end="", file=text)
     print(summary_line(result.settings, result.metrics), file=text)

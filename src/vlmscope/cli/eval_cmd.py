@@ -128,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         report = run_amber_folder(folder, queries, fns, shard, settings["batch_size"], record,
                                   image_root=args.data_path, task=settings["amber_task"],
                                   parser=settings["amber_parser"], similarity=settings["amber_similarity"],
+                                  bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed,
                                   force_new=args.force_new)
     else:
         fn = answer_fn(vlm, settings["prompt_suffix"], settings["max_new_tokens"], decoding, interventions)
@@ -302,8 +303,7 @@ def _settings_amber(args: argparse.Namespace, common: dict[str, Any]) -> tuple[d
     queries = select_queries(task, args.num_images)
     check_images(queries, args.data_path)
     check_scoring(queries, similarity)
-    # Bootstrap intervals are not computed for AMBER: keep those keys out of its settings.
-    bound = {k: v for k, v in common.items() if k not in ("bootstrap", "bootstrap_seed", "protocol")}
+    bound = {k: v for k, v in common.items() if k != "protocol"}  # AMBER has no frozen protocols
     settings = {
         **bound,
         "amber_task": task,

@@ -47,6 +47,7 @@ __all__ = [
     "AmberData",
     "AmberResult",
     "Similarity",
+    "amber_intervals",
     "amber_queries",
     "amber_scores",
     "load_amber_data",
@@ -553,6 +554,59 @@ def amber_scores(responses: Iterable[Mapping[str, Any]], task: str = "all", pars
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Bootstrap intervals (vlmscope.eval.stats): images resampled, each with its description and its questions.
+
+
+@lru_cache(maxsize=1)
+def _image_of() -> dict[int, str]:
+    return {q["id"]: q["image"] for q in amber_queries("all")}
+
+
+def amber_intervals(result: AmberResult, draws: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """95 % percentile intervals of the headline metrics, AMBER images resampled (all of an image's items move
+    together). The replicates use the plain pooled ratios (no 0.001 starts, no rounding), so an interval's
+    ``value`` can differ from the reported figure in the last decimal."""
+    import numpy as np
+
+    from vlmscope.eval.stats import _f1, _ratio, bootstrap_intervals, group_counts
+
+    if not result.items:
+        return {}
+    names = ("hallucinated", "nouns", "covered", "truth", "mentioned", "hallu", "clean", "descriptions",
+             "correct", "questions", "correct_no", "truth_no", "answered_no")
+    rows = []
+    for it in result.items:
+        if it["type"] == "generative":
+            rows.append((len(it["hallucinated"]), len(it["nouns"]), len(it["covered"]), it["n_truth"],
+                         len(it["mentioned_hallu"]), it["n_hallu"], int(not it["hallucinated"]), 1, 0, 0, 0, 0, 0))
+        else:
+            is_no = it["truth"] != "yes"
+            rows.append((0, 0, 0, 0, 0, 0, 0, 0, int(it["correct"]), 1, int(is_no and it["correct"]), int(is_no),
+                         int(it["parsed"] == "No")))
+    columns = {name: np.asarray([r[k] for r in rows], dtype=float) for k, name in enumerate(names)}
+    _, counts = group_counts([_image_of()[it["id"]] for it in result.items], columns)
+
+    def precision(c: Mapping[str, Any]) -> Any:
+        return _ratio(c["correct_no"], c["answered_no"])
+
+    def recall(c: Mapping[str, Any]) -> Any:
+        return _ratio(c["correct_no"], c["truth_no"])
+
+    fns: dict[str, Callable[[Mapping[str, Any]], Any]] = {}
+    if result.metrics.get("CHAIR") is not None:
+        fns.update({"CHAIR": lambda c: _ratio(c["hallucinated"], c["nouns"]),
+                    "Cover": lambda c: _ratio(c["covered"], c["truth"]),
+                    "Hal": lambda c: 100 - _ratio(c["clean"], c["descriptions"]),
+                    "Cog": lambda c: _ratio(c["mentioned"], c["hallu"])})
+    if result.metrics.get("F1") is not None:
+        fns.update({"Accuracy": lambda c: _ratio(c["correct"], c["questions"]), "Precision": precision,
+                    "Recall": recall, "F1": lambda c: _f1(precision(c), recall(c))})
+    if result.metrics.get("AMBER_Score") is not None:
+        fns["AMBER_Score"] = lambda c: (100 - _ratio(c["hallucinated"], c["nouns"]) + _f1(precision(c), recall(c))) / 2
+    return bootstrap_intervals(counts, fns, draws, seed, level) if fns else {}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Runs: `vlmscope eval amber` (folders: vlmscope.eval.runs) and `vlmscope amber score`
 
 AnswerFn = Callable[[list[tuple[str, str]]], Sequence[str]]
@@ -615,7 +669,8 @@ def answer_amber(queries: Sequence[Mapping[str, Any]], answer_fns: Mapping[str, 
 
 def score_amber(ids: Sequence[int], results_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                 settings: Mapping[str, Any], task: str = "all", parser: str = "reference",
-                similarity: str | Similarity | None = "auto") -> dict[str, Any]:
+                similarity: str | Similarity | None = "auto", bootstrap: int = 1000,
+                bootstrap_seed: int = 0) -> dict[str, Any]:
     """AMBER scores of the stored responses of `ids`; writes ``metrics.json``, ``metrics.md`` and
     ``amber_details.json`` (per item: nouns, hallucinations, covered objects; parsed answers). Returns the payload."""
     from vlmscope.eval.runner import write_metrics
@@ -628,7 +683,7 @@ def score_amber(ids: Sequence[int], results_path: str | os.PathLike[str], out_di
         raise InputError(f"{len(missing)} queries have no response in {store.path} (first: {missing[0]}); "
                          "run the answering first")
     result = amber_scores([{"id": i, "response": stored[i]["response"]} for i in ids], task, parser, similarity)
-    payload = amber_payload(result, settings, store.path.name)
+    payload = amber_payload(result, settings, store.path.name, bootstrap, bootstrap_seed)
     out = Path(out_dir)
     write_metrics(out, payload)
     tmp = out / "amber_details.json.tmp"
@@ -638,11 +693,16 @@ def score_amber(ids: Sequence[int], results_path: str | os.PathLike[str], out_di
     return payload
 
 
-def amber_payload(result: AmberResult, settings: Mapping[str, Any] | None = None,
-                  results_file: str | None = None) -> dict[str, Any]:
-    """The ``metrics.json`` payload of a scoring."""
+def amber_payload(result: AmberResult, settings: Mapping[str, Any] | None = None, results_file: str | None = None,
+                  bootstrap: int = 0, bootstrap_seed: int = 0) -> dict[str, Any]:
+    """The ``metrics.json`` payload of a scoring (with `bootstrap` draws of intervals, none if 0)."""
+    from vlmscope.eval.runner import _intervals
+
+    if bootstrap < 0:
+        raise InputError(f"--bootstrap must be >= 0, got {bootstrap}")
     metrics = {k: result.metrics[k] for k in (*HEADLINE, *result.metrics) if k in result.metrics}
-    return {"task": "amber", "metrics": metrics, "groups": result.groups,
+    intervals = amber_intervals(result, bootstrap, bootstrap_seed) if bootstrap else {}
+    return {"task": "amber", "metrics": metrics, **_intervals(intervals), "groups": result.groups,
             "scoring": result.settings, "settings": {**result.settings, **(settings or {})},
             "results_file": results_file, "n_items": len(result.items)}
 

@@ -279,7 +279,7 @@ def run_pope_folder(folder: RunFolder, questions: Sequence[Mapping[str, Any]],
 def run_amber_folder(folder: RunFolder, queries: Sequence[Mapping[str, Any]], answer_fns: Mapping[str, Callable],
                      shard: Any, batch_size: int, provenance: Mapping[str, Any], image_root: str | os.PathLike[str],
                      task: str = "all", parser: str = "reference", similarity: str = "auto",
-                     force_new: bool = False, progress: bool = True,
+                     bootstrap: int = 1000, bootstrap_seed: int = 0, force_new: bool = False, progress: bool = True,
                      notify: Callable[[str], None] = _stderr) -> RunReport:
     """Answer the AMBER `queries` not yet stored in `folder` (this process's shard), merge, score (main only)."""
     from vlmscope.eval.amber import answer_amber, score_amber
@@ -289,6 +289,7 @@ def run_amber_folder(folder: RunFolder, queries: Sequence[Mapping[str, Any]], an
 
     def score() -> dict[str, Any]:
         return score_amber([q["id"] for q in queries], folder.results_path, folder.path, folder.settings,
-                           task=task, parser=parser, similarity=similarity)
+                           task=task, parser=parser, similarity=similarity, bootstrap=bootstrap,
+                           bootstrap_seed=bootstrap_seed)
 
     return _run(folder, list(queries), lambda q: q["id"], work, score, shard, provenance, force_new, notify)
