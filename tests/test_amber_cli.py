@@ -100,7 +100,8 @@ def test_kill_resume_rescore_and_refusals(amber_run, tmp_path, capsys):
     assert json.loads((out / "run.json").read_text())["settings"]["amber_parser"] == "lenient"
     before = _snapshot(out)
     for extra, key in ((["--max-new-tokens", "4"], "max_new_tokens"), (["--amber-task", "generative"], "amber_task"),
-                       (["--decoding", "beam:num_beams=2"], "decoding")):
+                       (["--decoding", "beam:num_beams=2"], "decoding"),
+                       (["--amber-suffix", " Answer yes or no."], "discriminative_suffix")):
         capsys.readouterr()
         assert main(_argv(data, out, *extra)) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -164,3 +165,18 @@ def test_sharded_run_merges_every_row_once(amber_run, tmp_path, monkeypatch):
     assert (sharded / "responses.jsonl").read_text() == (single / "responses.jsonl").read_text()
     assert json.loads((sharded / "metrics.json").read_text())["metrics"] == \
         json.loads((single / "metrics.json").read_text())["metrics"]
+
+
+def test_suffix_reaches_the_yes_no_prompts(amber_run, tmp_path):
+    from vlmscope.cli import main
+
+    data, _ = amber_run
+    out = tmp_path / "run"
+    suffix = " Answer yes or no."
+    assert main(_argv(data, out, "--amber-task", "existence", "--amber-suffix", suffix, "--num-images", "1")) == 0
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [q["id"] for q in select_queries("existence", 1)]
+    first = rows[0]
+    assert first["response"] == _stock_greedy_text(data / first["image"], first["query"] + suffix, 3)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["groups"]) == {"existence"} and metrics["settings"]["discriminative_suffix"] == suffix

@@ -1,4 +1,4 @@
-"""`vlmscope eval chair|pope`: resumable, batched, sharded evaluation runs on COCO-2014.
+"""`vlmscope eval chair|pope|amber`: resumable, batched, sharded evaluation runs (COCO-2014; AMBER).
 
 Everything that determines the numbers goes into one settings dict (`_settings_chair` / `_settings_pope`),
 which binds the run folder (`vlmscope.eval.runs`): add a new setting there. All inputs are checked before
@@ -123,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
         from vlmscope.eval.runs import run_amber_folder
 
         fns = {"generative": answer_fn(vlm, "", settings["max_new_tokens"], decoding, interventions),
-               "discriminative": answer_fn(vlm, "", settings["max_new_tokens_discriminative"], decoding,
-                                           interventions)}
+               "discriminative": answer_fn(vlm, settings["discriminative_suffix"],
+                                           settings["max_new_tokens_discriminative"], decoding, interventions)}
         report = run_amber_folder(folder, queries, fns, shard, settings["batch_size"], record,
                                   image_root=args.data_path, task=settings["amber_task"],
                                   parser=settings["amber_parser"], similarity=settings["amber_similarity"],
@@ -266,7 +266,7 @@ def _pope_questions(files: list[str] | None, data_path: str) -> list[dict[str, A
 # ---------------------------------------------------------------------------------------------------------
 # AMBER (vlmscope.eval.amber): the official queries on the user's AMBER_<id>.jpg images.
 
-AMBER_ONLY = ("amber_task", "amber_parser", "amber_similarity")
+AMBER_ONLY = ("amber_task", "amber_parser", "amber_similarity", "amber_suffix")
 # Options of the COCO tasks that AMBER does not take (its queries and prompts are the official ones).
 NOT_AMBER = ("questions", "rule", "gt_objects", "image_ids", "prompt", "protocol", "seed")
 
@@ -283,6 +283,9 @@ def _add_amber_args(parser: argparse.ArgumentParser) -> None:
                         help="AMBER word-similarity step: auto (spaCy en_core_web_lg if installed, else skipped and "
                         "recorded, default), spacy (required), skip, or a JSON table of [word1, word2, similarity]; "
                         "rescoring only")
+    parser.add_argument("--amber-suffix", default=None, metavar="TEXT",
+                        help="AMBER: text appended to every yes/no question as written, e.g. ' Answer the question "
+                        "using a single word or phrase.' (default none: the official queries)")
 
 
 def _check_amber_args(args: argparse.Namespace) -> None:
@@ -307,6 +310,7 @@ def _settings_amber(args: argparse.Namespace, common: dict[str, Any]) -> tuple[d
     settings = {
         **bound,
         "amber_task": task,
+        "discriminative_suffix": args.amber_suffix or "",
         "max_new_tokens": _pick(args.max_new_tokens, None, 512),
         "max_new_tokens_discriminative": _pick(args.max_new_tokens, None, 16),
         "data_path": str(Path(args.data_path).resolve()),
