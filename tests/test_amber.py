@@ -185,7 +185,13 @@ def test_similarity_modes_are_recorded(monkeypatch) -> None:
 
     monkeypatch.setitem(sys.modules, "spacy", types.SimpleNamespace(load=lambda name: nlp, __version__="9.9"))
     monkeypatch.setattr(amber, "spacy_available", lambda model=amber.SPACY_MODEL: True)
-    spacy_run = amber_scores(gen, "generative", nouns=lambda t: ["dog", "dog"])
+    amber._spacy_similarity.cache_clear()
+    try:
+        spacy_run = amber_scores(gen, "generative", nouns=lambda t: ["dog", "dog"])
+        again = amber_scores(gen, "generative", nouns=lambda t: ["dog"])  # the loaded model is reused
+    finally:
+        amber._spacy_similarity.cache_clear()
+    assert again.items[0]["covered"] == ["forest"]
     assert spacy_run.settings["similarity"] == "spaCy 9.9 en_core_web_lg (> 0.8)"
     assert spacy_run.items[0]["covered"] == ["forest"] and spacy_run.items[0]["hallucinated"] == []
     assert len(calls) == len(set(calls))

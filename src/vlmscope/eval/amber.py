@@ -304,6 +304,12 @@ def spacy_available(model: str = SPACY_MODEL) -> bool:
     return importlib.util.find_spec("spacy") is not None and importlib.util.find_spec(model) is not None
 
 
+@lru_cache(maxsize=1)
+def _spacy_similarity() -> SpacySimilarity:
+    # One loaded model (and one cache of Docs and pairs) per process: the checks before a run and its scoring.
+    return SpacySimilarity()
+
+
 def resolve_similarity(similarity: str | Similarity | None = "auto") -> Similarity | None:
     """``"auto"`` (spaCy's en_core_web_lg if installed, else none), ``"spacy"`` (required), ``"skip"``, a path to
     a JSON table, or a `Similarity`. None means the step is skipped."""
@@ -313,7 +319,7 @@ def resolve_similarity(similarity: str | Similarity | None = "auto") -> Similari
         return None
     if similarity in ("auto", "spacy"):
         if spacy_available():
-            return SpacySimilarity()
+            return _spacy_similarity()
         if similarity == "spacy":
             raise InputError(f"--amber-similarity spacy needs spaCy and {SPACY_MODEL}: pip install spacy && "
                              f"python -m spacy download {SPACY_MODEL} (or use --amber-similarity skip)")
@@ -326,7 +332,7 @@ def similarity_note(similarity: str | Similarity | None, resolved: Similarity | 
     """What the metrics record under ``similarity``: never a step that did not run."""
     if resolved is not None:
         return f"{resolved.describe()} (> {threshold})"
-    if similarity == "skip":
+    if similarity is None or similarity == "skip":
         return "skipped (--amber-similarity skip)"
     return NOT_INSTALLED
 
