@@ -1,4 +1,4 @@
-"""`vlmscope eval chair|pope`: resumable, batched, sharded evaluation runs on COCO-2014.
+"""`vlmscope eval chair|pope|amber`: resumable, batched, sharded evaluation runs (COCO-2014; AMBER).
 
 Everything that determines the numbers goes into one settings dict (`_settings_chair` / `_settings_pope`),
 which binds the run folder (`vlmscope.eval.runs`): add a new setting there. All inputs are checked before
@@ -19,15 +19,16 @@ from vlmscope.errors import InputError
 
 def register(sub: Any) -> None:
     parser = sub.add_parser("eval", help="run CHAIR captioning or POPE answering on COCO-2014 images (POPE also "
-                            "on A-OKVQA and GQA)")
-    parser.add_argument("task", choices=["chair", "pope"])
+                            "on A-OKVQA and GQA), or AMBER")
+    parser.add_argument("task", choices=["chair", "pope", "amber"])
     parser.add_argument("--config", default=None, help="eval_configs/X.yaml")
     parser.add_argument("--model", default=None, help="overrides the config's model")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: the config's)")
     parser.add_argument("--data-path", required=True, action="append",
-                        help="directory holding COCO_val2014_*.jpg images; POPE: one folder for every dataset of the "
-                        "run, or DATASET=DIR (repeatable: aokvqa=COCO_VAL2014, gqa=GQA_IMAGES) per dataset")
+                        help="directory holding COCO_val2014_*.jpg images (AMBER: the AMBER_<id>.jpg images); POPE: "
+                        "one folder for every dataset of the run, or DATASET=DIR (repeatable: aokvqa=COCO_VAL2014, "
+                        "gqa=GQA_IMAGES) per dataset")
     parser.add_argument("--out", required=True, help="run directory (results, run.json, metrics.json, metrics.md)")
     parser.add_argument("--force-new", action="store_true",
                         help="discard the results stored in --out and start over (default: resume them)")
@@ -56,6 +57,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="DRAWS",
                         help="bootstrap draws for the 95%% intervals, images resampled (default 1000; 0: none)")
     parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
+    _add_amber_args(parser)
     add_method_args(parser)
     add_json_arg(parser, "print the run's metrics and settings as one JSON object (progress and tables to stderr)")
     parser.set_defaults(func=run, decoding=None)
@@ -80,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.task != "pope":  # POPE alone takes a folder per dataset
         args.data_path = _single_data_path(args.data_path, args.task)
+    if args.task == "amber":
+        _check_amber_args(args)
+    elif any(getattr(args, name) is not None for name in AMBER_ONLY):
+        given = next(name for name in AMBER_ONLY if getattr(args, name) is not None)
+        raise InputError(f"--{given.replace('_', '-')} is an AMBER option; drop it for eval {args.task}")
     config = load_config(args.config)
     decoding = resolve_method(_pick(args.decoding, config.decoding), config.methods, DECODINGS)
     interventions = [resolve_method(s, config.methods, INTERVENTIONS)
@@ -88,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     common = {"model": _pick(args.model, config.model), "revision": None, "dtype": _pick(args.dtype, config.dtype),
               "decoding": spec_string(decoding), "interventions": [spec_string(i) for i in interventions],
               "batch_size": _pick(args.batch_size, config.batch_size, 8)}
-    protocol = _protocol(args)
+    protocol = _protocol(args) if args.task != "amber" else None
     if args.bootstrap < 0:
         raise InputError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     common["protocol"] = protocol.record() if protocol is not None else None
@@ -97,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "chair":
         settings, items = _settings_chair(args, config, common, protocol)
         folder = RunFolder(Path(args.out), "eval-chair", settings)
+    elif args.task == "amber":
+        settings, queries = _settings_amber(args, common)
+        folder = RunFolder(Path(args.out), "eval-amber", settings)
     else:
         settings, questions = _settings_pope(args, config, common, protocol)
         folder = RunFolder(Path(args.out), "eval-pope", settings)
@@ -117,6 +127,17 @@ def run(args: argparse.Namespace) -> int:
                                   bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed,
                                   normaliser=args.normaliser,
                                   truncate_incomplete=bool(protocol and protocol.truncate_incomplete))
+    elif args.task == "amber":
+        from vlmscope.eval.runs import run_amber_folder
+
+        fns = {"generative": answer_fn(vlm, "", settings["max_new_tokens"], decoding, interventions),
+               "discriminative": answer_fn(vlm, settings["discriminative_suffix"],
+                                           settings["max_new_tokens_discriminative"], decoding, interventions)}
+        report = run_amber_folder(folder, queries, fns, shard, settings["batch_size"], record,
+                                  image_root=args.data_path, task=settings["amber_task"],
+                                  parser=settings["amber_parser"], similarity=settings["amber_similarity"],
+                                  bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed,
+                                  force_new=args.force_new)
     else:
         fn = answer_fn(vlm, settings["prompt_suffix"], settings["max_new_tokens"], decoding, interventions)
         report = run_pope_folder(folder, questions, fn, shard, settings["batch_size"], record,
@@ -128,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
     metrics = report.payload["metrics"]
     if args.task == "chair":
         print(f"CHAIR_S {metrics['CHAIR_S']:.1f}  CHAIR_I {metrics['CHAIR_I']:.1f}  → {folder.path}", file=out)
+    elif args.task == "amber":
+        from vlmscope.eval.amber import summary_line
+
+        print(f"{summary_line(report.payload['scoring'], metrics)}  → {folder.path}", file=out)
     print(f"{report.reused} stored rows reused, {report.computed} computed", file=out)
     if args.json:
         emit_json({"kind": folder.kind, "out": str(folder.path), "metrics": metrics,
@@ -252,3 +277,63 @@ def _pope_questions(specs: list[str] | None) -> list[dict[str, Any]]:
     if not questions:
         raise InputError(f"no questions in {', '.join(specs)}; pass POPE question files with one question a line")
     return questions
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AMBER (vlmscope.eval.amber): the official queries on the user's AMBER_<id>.jpg images.
+
+AMBER_ONLY = ("amber_task", "amber_parser", "amber_similarity", "amber_suffix")
+# Options of the COCO tasks that AMBER does not take (its queries and prompts are the official ones).
+NOT_AMBER = ("questions", "rule", "gt_objects", "image_ids", "prompt", "protocol", "seed")
+
+
+def _add_amber_args(parser: argparse.ArgumentParser) -> None:
+    from vlmscope.eval.amber import PARSERS, TASKS
+
+    parser.add_argument("--amber-task", choices=TASKS, default=None,
+                        help="AMBER: the queries to run (default all: descriptions and yes/no questions)")
+    parser.add_argument("--amber-parser", choices=tuple(PARSERS), default=None,
+                        help="AMBER yes/no parsing: reference (exact 'Yes'/'No', default), lenient (substring "
+                        "yes, then no, as lmms-eval), halva ('yes' substring, else No); rescoring only")
+    parser.add_argument("--amber-similarity", default=None, metavar="auto|spacy|skip|TABLE.json",
+                        help="AMBER word-similarity step: auto (spaCy en_core_web_lg if installed, else skipped and "
+                        "recorded, default), spacy (required), skip, or a JSON table of [word1, word2, similarity]; "
+                        "rescoring only")
+    parser.add_argument("--amber-suffix", default=None, metavar="TEXT",
+                        help="AMBER: text appended to every yes/no question as written, e.g. ' Answer the question "
+                        "using a single word or phrase.' (default none: the official queries)")
+
+
+def _check_amber_args(args: argparse.Namespace) -> None:
+    given = [name for name in NOT_AMBER if getattr(args, name) is not None]
+    if given:
+        raise InputError(f"--{given[0].replace('_', '-')} does not apply to eval amber (its queries are the "
+                         "official ones); drop it")
+
+
+def _settings_amber(args: argparse.Namespace, common: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from vlmscope.eval.amber import check_images, check_scoring, select_queries
+    from vlmscope.eval.runs import ids_digest
+
+    task = args.amber_task or "all"
+    similarity = args.amber_similarity or "auto"
+    if similarity not in ("auto", "spacy", "skip"):
+        similarity = str(Path(similarity).resolve())
+    queries = select_queries(task, args.num_images)
+    check_images(queries, args.data_path)
+    check_scoring(queries, similarity)
+    bound = {k: v for k, v in common.items() if k != "protocol"}  # AMBER has no frozen protocols
+    settings = {
+        **bound,
+        "amber_task": task,
+        "discriminative_suffix": args.amber_suffix or "",
+        "max_new_tokens": _pick(args.max_new_tokens, None, 512),
+        "max_new_tokens_discriminative": _pick(args.max_new_tokens, None, 16),
+        "data_path": str(Path(args.data_path).resolve()),
+        "num_images": len({q["image"] for q in queries}),
+        "num_queries": len(queries),
+        "query_ids": ids_digest([q["id"] for q in queries]),
+        "amber_parser": args.amber_parser or "reference",
+        "amber_similarity": similarity,
+    }
+    return settings, queries

@@ -242,7 +242,13 @@ def _build_normaliser(status: NltkStatus) -> Callable[[str], tuple[list[str], li
         tokens, tags = tagged(caption)
         return tokens, [morphy.lemmatize(w, wordnet_pos(t)) for w, t in zip(tokens, tags)]
 
+    def nouns_cased(text: str) -> list[str]:
+        """AMBER's noun path: word_tokenize without lower-casing, pos_tag, NN* tokens lemmatised as nouns."""
+        tokens = [tok for sent in split_sentences(text) for tok in word_tokenizer.tokenize(sent)]
+        return [morphy.lemmatize(w, "n") for w, t in tagger.tag(tokens) if t.startswith("NN")]
+
     normalise.name = "nltk"  # type: ignore[attr-defined]
+    normalise.nouns_cased = nouns_cased  # type: ignore[attr-defined]
     normalise.tagged = tagged  # type: ignore[attr-defined]
     normalise.tokenize = tokenize  # type: ignore[attr-defined]
     normalise.tag_tokens = lambda tokens: [t for _, t in tagger.tag(list(tokens))]  # type: ignore[attr-defined]

@@ -1,10 +1,11 @@
-"""Run folders of `vlmscope eval chair|pope`: bound to their settings, resumable, sharded under accelerate.
+"""Run folders of `vlmscope eval chair|pope|amber`: bound to their settings, resumable, sharded under accelerate.
 
 A run folder holds::
 
-    run.json        {"kind": "eval-chair" | "eval-pope", "settings": {...}, "provenance": {...}}
-    captions.jsonl  (CHAIR) or answers.jsonl (POPE): one fsync'ed JSON line per finished item
-    metrics.json    {"task", "metrics", "settings", ...}; metrics.md (a table); chair_details.json (CHAIR)
+    run.json        {"kind": "eval-chair" | "eval-pope" | "eval-amber", "settings": {...}, "provenance": {...}}
+    captions.jsonl  (CHAIR), answers.jsonl (POPE) or responses.jsonl (AMBER): one fsync'ed JSON line per item
+    metrics.json    {"task", "metrics", "settings", ...}; metrics.md (a table); chair_details.json (CHAIR),
+                    pope_details.json (POPE), amber_details.json (AMBER)
     shards/         per-process result files under `accelerate launch` (merged by the main process)
 
 ``settings`` is every setting that determines the stored rows (model, revision, dtype, decoding and
@@ -32,7 +33,8 @@ from vlmscope.errors import InputError
 from vlmscope.eval.store import ResultStore, merge_shards
 from vlmscope.eval.store import shard as take_shard
 
-__all__ = ["KINDS", "RESCORED_KEYS", "RUN_FILE", "RunFolder", "ids_digest", "run_chair_folder", "run_pope_folder"]
+__all__ = ["KINDS", "RESCORED_KEYS", "RUN_FILE", "RunFolder", "ids_digest", "run_amber_folder", "run_chair_folder",
+           "run_pope_folder"]
 
 RUN_FILE = "run.json"
 KINDS = {"eval-chair": ("captions.jsonl", "image_id"), "eval-pope": ("answers.jsonl", "qkey")}
@@ -42,6 +44,10 @@ OWNED = frozenset({RUN_FILE, "captions.jsonl", "answers.jsonl", "metrics.json", 
                    "shards"})
 # Settings that only change the scoring of stored rows: a resume may change them (metrics are recomputed).
 RESCORED_KEYS = frozenset({"rule", "gt_objects", "normaliser", "synonyms", "bootstrap", "bootstrap_seed"})
+# AMBER (vlmscope.eval.amber): its run kind and files; its answer parser and similarity step only rescore.
+KINDS["eval-amber"] = ("responses.jsonl", "id")
+OWNED = OWNED | {"responses.jsonl", "amber_details.json"}
+RESCORED_KEYS = RESCORED_KEYS | {"amber_parser", "amber_similarity"}
 
 
 def ids_digest(keys: Sequence[Any]) -> str:
@@ -268,3 +274,22 @@ def run_pope_folder(folder: RunFolder, questions: Sequence[Mapping[str, Any]],
         return score_pope(questions, folder.results_path, rule, folder.path, folder.settings, **pope_kwargs)
 
     return _run(folder, list(questions), question_key, work, score, shard, provenance, force_new, notify)
+
+
+def run_amber_folder(folder: RunFolder, queries: Sequence[Mapping[str, Any]], answer_fns: Mapping[str, Callable],
+                     shard: Any, batch_size: int, provenance: Mapping[str, Any], image_root: str | os.PathLike[str],
+                     task: str = "all", parser: str = "reference", similarity: str = "auto",
+                     bootstrap: int = 1000, bootstrap_seed: int = 0, force_new: bool = False, progress: bool = True,
+                     notify: Callable[[str], None] = _stderr) -> RunReport:
+    """Answer the AMBER `queries` not yet stored in `folder` (this process's shard), merge, score (main only)."""
+    from vlmscope.eval.amber import answer_amber, score_amber
+
+    def work(todo: list[Mapping[str, Any]], store: ResultStore) -> None:
+        answer_amber(todo, answer_fns, store, batch_size, image_root, progress=progress, desc=f"amber[{shard.rank}]")
+
+    def score() -> dict[str, Any]:
+        return score_amber([q["id"] for q in queries], folder.results_path, folder.path, folder.settings,
+                           task=task, parser=parser, similarity=similarity, bootstrap=bootstrap,
+                           bootstrap_seed=bootstrap_seed)
+
+    return _run(folder, list(queries), lambda q: q["id"], work, score, shard, provenance, force_new, notify)
