@@ -17,10 +17,14 @@ model_args (lmms-eval splits them on commas outside quotes):
   a spec has commas.
 - `batch_size`, `max_new_tokens` (used when a task's gen_kwargs have none; default 128), `seed` (sampling).
 
+- `provenance`: a JSON file to write the provenance record to after each batch of requests.
+
 Specs parse through the registries exactly as on vlmscope's command line (same errors). The settings actually
-used (full spec strings with every parameter, plus `vlmscope.provenance.provenance`) are logged, kept on the
-model as `.provenance_record()` and returned by `get_model_info()`, which lmms-eval 0.7.3 writes into the
-results file's `config`; `model_name` carries the spec strings too.
+used (`vlmscope.provenance.provenance` with full spec strings, every parameter, and the decoding each request
+group ran) are logged on stderr at load and after each request type, written to `provenance=` when given, and
+kept on the model (`.provenance_record()`). lmms-eval 0.7.3's results file records only the `--model_args`
+string as given, so the provenance file is what says the defaults; with `simple_evaluate(model=<this object>)`
+the results' `config.model` is `model_name`, the model with its full spec strings.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -155,10 +161,11 @@ class VlmscopeLMM(lmms):
     def __init__(self, pretrained: str | None = None, decoding: str | None = None, interventions: str | None = None,
                  device: str | None = None, dtype: str | None = None, revision: str | None = None,
                  batch_size: int | str = 1, max_new_tokens: int | str = DEFAULT_MAX_NEW_TOKENS, seed: int | str = 0,
-                 max_batch_size: Any = None, **unknown: Any) -> None:
+                 provenance: str | None = None, max_batch_size: Any = None, **unknown: Any) -> None:
         super().__init__()
         if unknown:
-            known = "pretrained, decoding, interventions, device, dtype, revision, batch_size, max_new_tokens, seed"
+            known = ("pretrained, decoding, interventions, device, dtype, revision, batch_size, max_new_tokens, "
+                     "seed, provenance")
             raise InputError(
                 f"unknown vlmscope model_args {', '.join(sorted(unknown))}; known: {known}. A decoding or "
                 "intervention spec with several parameters has commas: quote it, e.g. "
@@ -173,6 +180,9 @@ class VlmscopeLMM(lmms):
         self.max_new_tokens = _whole_number("max_new_tokens", max_new_tokens)
         self.seed = _whole_number("seed", seed, minimum=0)
         self.revision = None if revision is None else str(revision)
+        self.provenance_path = None if provenance is None else Path(str(_unquote(provenance)))
+        if self.provenance_path is not None and self.provenance_path.is_dir():
+            raise InputError(f"provenance={self.provenance_path} is a folder; name a JSON file to write")
 
         import vlmscope
 
@@ -185,7 +195,9 @@ class VlmscopeLMM(lmms):
         self._decodings_used: dict[str, int] = {}
         self._task_overridden: dict[str, str] = {}
         self.model_name = self._label()
-        log.warning("vlmscope lmms-eval model: %s", json.dumps(self.provenance_record(), sort_keys=True))
+        # What lmms-eval's `simple_evaluate(model=<object>)` reads as the model's name for its results file.
+        self.config = SimpleNamespace(_name_or_path=self.model_name)
+        self._report("loaded")
 
     # --- labels -----------------------------------------------------------------------------------------
     def _label(self) -> str:
@@ -219,6 +231,13 @@ class VlmscopeLMM(lmms):
 
     def get_model_info(self) -> dict[str, Any]:
         return {"vlmscope": self.provenance_record(), "model_name": self.model_name}
+
+    def _report(self, stage: str) -> None:
+        record = self.provenance_record()
+        log.warning("vlmscope lmms-eval model (%s): %s", stage, json.dumps(record, sort_keys=True))
+        if self.provenance_path is not None:
+            self.provenance_path.parent.mkdir(parents=True, exist_ok=True)
+            self.provenance_path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     @property
     def batch_size(self) -> int:
@@ -278,7 +297,7 @@ class VlmscopeLMM(lmms):
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             progress.update(len(results))
         progress.close()
-        log.warning("vlmscope lmms-eval run: %s", json.dumps(self.provenance_record(), sort_keys=True))
+        self._report("generate_until done")
         return collator.get_original(texts)
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
@@ -301,6 +320,7 @@ class VlmscopeLMM(lmms):
             start = time.perf_counter()
             out.append(self.score(self._image(doc_to_visual, doc_id, task, split), context, str(continuation)))
             self._generate_seconds += time.perf_counter() - start
+        self._report("loglikelihood done")
         return out
 
     def score(self, image: Any, prompt: str, continuation: str) -> tuple[float, bool]:
