@@ -28,7 +28,7 @@ from vlmscope.integrations import lmms_eval as plugin  # noqa: E402
 
 TASK = "vlmscope_tiny_yesno"
 TASK_FILES = Path(__file__).parent / "data" / "lmms_eval_task"
-UNTIL = ["\n\n", "."]  # the task YAML's generation_kwargs
+UNTIL = ["\n\n", "sky"]  # the task YAML's generation_kwargs
 MAX_NEW_TOKENS = 6
 QUESTIONS = ["is there a cat in the image ?", "is there a red ball in the picture ?", "is the dog on the table ?",
              "what is in this photo ?", "is there a blue car near the tree ?"]
@@ -75,8 +75,9 @@ def logged_responses(setup: dict, name: str, proc: subprocess.CompletedProcess) 
     return responses, json.loads(results[-1].read_text())
 
 
-def oracle(setup: dict, decoding: str, interventions: list[str]) -> dict[int, str]:
-    """Each document alone through `vlmscope.generate`, cut at the task's stop strings."""
+def oracle(setup: dict, decoding: str, interventions: list[str], uncut: dict | None = None) -> dict[int, str]:
+    """Each document alone through `vlmscope.generate`, cut at the task's stop strings (`uncut` gets the texts
+    before the cut)."""
     vlm = vlmscope.load(setup["model"])
     out = {}
     for doc in setup["docs"]:
@@ -84,6 +85,8 @@ def oracle(setup: dict, decoding: str, interventions: list[str]) -> dict[int, st
         result = vlm.generate(image, doc["question"], max_new_tokens=MAX_NEW_TOKENS, decoding=decoding,
                               interventions=interventions)
         out[doc["id"]] = plugin.cut_at_stop(result.text, UNTIL)
+        if uncut is not None:
+            uncut[doc["id"]] = result.text
     return out
 
 
@@ -97,8 +100,10 @@ def greedy_batch2(setup: dict) -> tuple[dict[int, str], dict]:
 
 def test_greedy_responses_equal_vlmscope_generate(setup: dict, greedy_batch2: tuple) -> None:
     responses, results = greedy_batch2
-    expected = oracle(setup, "greedy", [])
+    uncut: dict[int, str] = {}
+    expected = oracle(setup, "greedy", [], uncut)
     assert responses == expected
+    assert any(expected[i] != uncut[i] for i in uncut)  # a stop string did cut an answer
     assert len(set(expected.values())) > 1  # the documents are told apart, so order mix-ups would show
     assert results["results"][TASK]["accuracy,none"] == pytest.approx(
         sum(expected[d["id"]].lower().startswith(d["answer"]) for d in setup["docs"]) / len(setup["docs"]))
