@@ -177,11 +177,13 @@ def test_gen_kwargs_map_to_decodings() -> None:
     from vlmscope.registry import spec_string
 
     assert spec_string(plugin.decoding_from_gen_kwargs({"temperature": 0, "do_sample": False})) == "greedy"
+    # As lmms-eval's llava_hf: only temperature > 0 samples (do_sample is not consulted there either).
+    assert spec_string(plugin.decoding_from_gen_kwargs({"do_sample": True, "top_p": 0.5})) == "greedy"
     assert spec_string(plugin.decoding_from_gen_kwargs({"num_beams": 3})).startswith("beam:num_beams=3,")
     sample = plugin.decoding_from_gen_kwargs({"temperature": 0.7, "top_p": 0.9}, seed=4)
     assert spec_string(sample) == "sample:temperature=0.7,top_k=0,top_p=0.9,seed=4"
     with pytest.raises(InputError, match="beam sampling"):
-        plugin.decoding_from_gen_kwargs({"do_sample": True, "num_beams": 2})
+        plugin.decoding_from_gen_kwargs({"temperature": 0.2, "num_beams": 2})
     assert plugin.cut_at_stop(" yes . no\n\nmore", ["\n\n", "."]) == "yes"
     assert plugin.stop_strings(None) == ["\n\n"] and plugin.stop_strings("###") == ["###"]
 
@@ -216,3 +218,18 @@ def test_loglikelihood_equals_a_stock_forward(setup: dict) -> None:
     expected = float(logprobs[torch.arange(len(target)), torch.tensor(target)].sum())
     assert logprob == pytest.approx(expected, abs=1e-4)
     assert is_greedy == bool((logprobs.argmax(-1) == torch.tensor(target)).all())
+
+
+def test_documents_with_two_images_and_multi_round_requests_are_refused(setup: dict) -> None:
+    from lmms_eval.api.instance import Instance
+
+    lm = plugin.VlmscopeLMM(pretrained=setup["model"])
+    doc = setup["docs"][0]
+    lm.task_dict = {TASK: {"test": {doc["id"]: doc}}}
+    image = Image.open(setup["task_dir"] / doc["image"]).convert("RGB")
+    request = Instance(request_type="generate_until", idx=0, metadata={"task": TASK, "doc_id": 0, "repeats": 1},
+                       arguments=(doc["question"], {"until": ["\n\n"]}, lambda d: [image, image], 0, TASK, "test"))
+    with pytest.raises(InputError, match="has 2 visuals; the vlmscope plug-in takes exactly one image"):
+        lm.generate_until([request])
+    with pytest.raises(NotImplementedError, match="runs generate_until and loglikelihood"):
+        lm.generate_until_multi_round([request])

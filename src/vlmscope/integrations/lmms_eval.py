@@ -16,8 +16,12 @@ model_args (lmms-eval splits them on commas outside quotes):
 - `interventions`: specs joined by `+` (`interventions=pai:alpha=0.2+vcd`), applied in that order; quote it when
   a spec has commas.
 - `batch_size`, `max_new_tokens` (used when a task's gen_kwargs have none; default 128), `seed` (sampling).
+- `provenance`: a JSON file the provenance record is written to at load and after each request type.
 
-- `provenance`: a JSON file to write the provenance record to after each batch of requests.
+Requests: `generate_until` in batches of `batch_size` (lmms-eval's Collator groups equal gen_kwargs), answers in
+request order, cut at the task's `until` strings after decoding (as lmms-eval's built-in HF models cut; a beam
+search runs to EOS or `max_new_tokens` first); `loglikelihood` teacher-forced with the interventions, one request
+at a time; one image per document. Sampled answers depend on the batch (one seeded generator per batch).
 
 Specs parse through the registries exactly as on vlmscope's command line (same errors). The settings actually
 used (`vlmscope.provenance.provenance` with full spec strings, every parameter, and the decoding each request
@@ -88,25 +92,19 @@ def parse_interventions(specs: Any) -> list[Any]:
     return [INTERVENTIONS.parse(part) for part in parts if part]
 
 
-def _flag(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in {"1", "true", "yes", "on"}
-    return bool(value)
-
-
 def decoding_from_gen_kwargs(gen_kwargs: dict[str, Any], seed: int = 0) -> Any:
-    """The vlmscope decoding a task's gen_kwargs ask for, read as lmms-eval's built-in HF models read them:
-    sampling when `do_sample` is true or `temperature` > 0 (with `top_p` / `top_k` when given), beam search when
-    `num_beams` > 1, greedy otherwise."""
+    """The vlmscope decoding a task's gen_kwargs ask for, read as lmms-eval's built-in LLaVA (`llava_hf`) reads
+    them, so numbers compare with its: sampling when `temperature` > 0 (with `top_p` / `top_k` when given;
+    `do_sample` is not consulted, as there), beam search when `num_beams` > 1, greedy otherwise."""
     from vlmscope.decoding import DECODINGS
 
     temperature = float(gen_kwargs.get("temperature") or 0.0)
     num_beams = int(gen_kwargs.get("num_beams") or 1)
-    if _flag(gen_kwargs.get("do_sample", False)) or temperature > 0:
+    if temperature > 0:
         if num_beams > 1:
-            raise InputError(f"the task asks for beam sampling (num_beams={num_beams} with sampling), which "
-                             "vlmscope has no decoding for: pass decoding=beam:num_beams=N or decoding=sample")
-        params: dict[str, Any] = {"temperature": temperature if temperature > 0 else 1.0, "seed": seed}
+            raise InputError(f"the task asks for beam sampling (num_beams={num_beams}, temperature={temperature}), "
+                             "which vlmscope has no decoding for: pass decoding=beam:num_beams=N or decoding=sample")
+        params: dict[str, Any] = {"temperature": temperature, "seed": seed}
         if gen_kwargs.get("top_p") is not None:
             params["top_p"] = float(gen_kwargs["top_p"])
         if gen_kwargs.get("top_k") is not None:
