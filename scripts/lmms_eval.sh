@@ -39,7 +39,10 @@ fi
 
 # vlmscope itself, without dependencies (all present above), from a scratch copy of the sources.
 copy=$(mktemp -d)
-trap 'rm -rf "$copy"' EXIT
+# pytest's own temporary folders live in a private base: other pytest sessions of the same user prune the
+# shared /tmp/pytest-of-$USER while this one still reads its files.
+basetemp=$(mktemp -d)
+trap 'rm -rf "$copy" "$basetemp"' EXIT
 cp pyproject.toml README.md "$copy/"
 cp -r src "$copy/src"
 find "$copy/src" -name __pycache__ -prune -exec rm -rf {} +
@@ -51,4 +54,4 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # The test starts the venv's `lmms-eval` console script: its bin/ goes first on PATH.
 PATH="$PWD/$venv/bin:$PATH" PYTHONPATH="$PWD/src" \
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_lmms_eval_plugin.py "$@"
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider --basetemp="$basetemp/pytest" tests/test_lmms_eval_plugin.py "$@"

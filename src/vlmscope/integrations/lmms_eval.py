@@ -21,7 +21,8 @@ model_args (lmms-eval splits them on commas outside quotes):
 Requests: `generate_until` in batches of `batch_size` (lmms-eval's Collator groups equal gen_kwargs), answers in
 request order, cut at the task's `until` strings after decoding (as lmms-eval's built-in HF models cut; a beam
 search runs to EOS or `max_new_tokens` first); `loglikelihood` teacher-forced with the interventions, one request
-at a time; one image per document. Sampled answers depend on the batch (one seeded generator per batch).
+at a time, returning lmms-eval's built-in models' mean token loss (see `loglikelihood`); one image per
+document. Sampled answers depend on the batch (one seeded generator per batch).
 
 Specs parse through the registries exactly as on vlmscope's command line (same errors). The settings actually
 used (`vlmscope.provenance.provenance` with full spec strings, every parameter, and the decoding each request
@@ -299,8 +300,12 @@ class VlmscopeLMM(lmms):
         return collator.get_original(texts)
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """Teacher-forced log-probability of each continuation after its prompt, with the interventions in every
-        forward (their processed logits, as decoding sees them), and whether greedy would pick every token."""
+        """(mean negative log-probability per continuation token, whether greedy picks every token) per request.
+
+        The first value is what lmms-eval 0.7.3's built-in models return there (their `loss`, the mean token
+        cross-entropy), not a log-likelihood: its multiple-choice scoring takes the argmin over the choices, so
+        this convention keeps predictions right and comparable with its built-in LLaVA. Teacher-forced, with the
+        interventions in every forward (their processed logits, as decoding sees them)."""
         if self.decoding is not None and _spec(self.decoding) != "greedy":
             raise InputError(f"decoding={_spec(self.decoding)} does not apply to loglikelihood requests "
                              "(teacher-forced scores); drop decoding= for this task (interventions do apply)")
@@ -316,30 +321,33 @@ class VlmscopeLMM(lmms):
                                      "loglikelihood scores one continuation per request")
                 continuation = continuation[0]
             start = time.perf_counter()
-            out.append(self.score(self._image(doc_to_visual, doc_id, task, split), context, str(continuation)))
+            logprobs, greedy = self.token_logprobs(self._image(doc_to_visual, doc_id, task, split), context,
+                                                   str(continuation))
             self._generate_seconds += time.perf_counter() - start
+            out.append((-sum(logprobs) / len(logprobs), greedy))
         self._report("loglikelihood done")
         return out
 
-    def score(self, image: Any, prompt: str, continuation: str) -> tuple[float, bool]:
-        """(sum of log-probs, all tokens greedy) of `continuation`, tokenised on its own without special tokens
-        and fed after the rendered prompt (where the answer starts), one cached step per token."""
+    def token_logprobs(self, image: Any, prompt: str, continuation: str) -> tuple[list[float], bool]:
+        """The log-probability of each token of `continuation` (tokenised on its own without special tokens and fed
+        after the rendered prompt, where the answer starts; one cached step per token) and whether greedy would
+        pick every one."""
         from vlmscope.decoding.session import GenerationRun
 
         ids = self.vlm.adapter.tokenizer(continuation, add_special_tokens=False)["input_ids"]
         if not ids:
             raise InputError(f"empty continuation {continuation!r}: loglikelihood needs at least one token")
         batch = self.vlm.encode([image], [prompt])
-        total, greedy = 0.0, True
+        values, greedy = [], True
         with torch.no_grad(), GenerationRun(self.vlm.model, self.vlm.adapter, batch, self.interventions) as run:
             logits = run.prefill()
             for position, token in enumerate(ids):
                 logprobs = torch.log_softmax(logits[0].float(), dim=-1)
-                total += float(logprobs[token])
+                values.append(float(logprobs[token]))
                 greedy = greedy and int(logprobs.argmax()) == token
                 if position + 1 < len(ids):
                     logits = run.advance(torch.tensor([token]))
-        return total, greedy
+        return values, greedy
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("the vlmscope lmms-eval plug-in runs generate_until and loglikelihood requests "
