@@ -151,11 +151,10 @@ def test_opera_decoding_equals_vlmscope_generate(setup: dict) -> None:
 
 
 def test_pai_intervention_equals_vlmscope_generate(setup: dict, greedy_batch2: tuple) -> None:
-    # The quotes keep the spec's commas from lmms-eval's model_args splitting.
     from vlmscope.interventions import INTERVENTIONS
     from vlmscope.registry import spec_string
 
-    spec = "pai:alpha=0.5,start=1,end=4"
+    spec = "pai:alpha=0.5,start=1,end=4"  # quoted below: the quotes keep its commas from model_args splitting
     provenance = setup["root"] / "pai-provenance.json"
     proc = run_lmms_eval(setup, "pai", f'pretrained={setup["model"]},interventions="{spec}",provenance={provenance}',
                          batch_size=2)
