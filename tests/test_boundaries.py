@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "vlmscope"
 # Rank of each top-level part: a module may import parts of lower or equal rank only (same part: anything).
 RANKS = {"errors": 0, "registry": 0, "images": 0, "provenance": 0, "results": 0, "models": 1, "attention": 2, "codebook": 2,
          "decoding": 3, "interventions": 4, "explain": 5, "eval": 6, "shapes": 7, "api": 8, "cli": 9,
-         "__main__": 10}
+         "__main__": 10, "integrations": 11}  # integrations: other tools' plug-ins, on top; nothing imports them
 
 
 def _part(module: str) -> str | None:
