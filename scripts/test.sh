@@ -21,8 +21,10 @@ start=$SECONDS
 status=0
 .venv/bin/python -m pytest -q --durations=10 "$@" || status=$?
 echo "pytest wall time: $((SECONDS - start)) s"
-# The whole suite (no pytest arguments) ends with the compatibility subset on the newest transformers 5.x.
+# The whole suite (no pytest arguments) ends with the compatibility subset on the newest transformers 5.x and
+# the lmms-eval plug-in test, each in its own environment.
 if [ "$#" -eq 0 ]; then
     bash scripts/compat.sh || status=1
+    bash scripts/lmms_eval.sh || status=1
 fi
 exit "$status"
