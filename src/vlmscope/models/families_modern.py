@@ -107,10 +107,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
 
 class Idefics3Adapter(Adapter):
-    """Idefics3 (and SmolVLM, same layout): row-major tiles, then a global view, each a square of tokens."""
+    """Idefics3: row-major tiles, then a global view, each a square of tokens."""
 
     family = "idefics3"
-    model_types = ("idefics3", "smolvlm")
+    model_types = ("idefics3",)
 
     def tokens_per_view(self) -> int:
         """Image tokens per tile or global view: (image_size / patch_size)² patches / scale_factor²."""
@@ -139,7 +139,7 @@ class Idefics3Adapter(Adapter):
         n = int(batch.image_mask[row].sum())
         expected = per_view * (rows * cols + 1)
         if n != expected or side * side != per_view:
-            raise InputError(f"Idefics3 layout mismatch: {n} image tokens, expected {expected} "
+            raise InputError(f"{self.family} layout mismatch: {n} image tokens, expected {expected} "
                              f"({rows}×{cols} tiles + a global view of {per_view}; one image per prompt)")
         # The processor stretches the image to rows×cols whole tiles, so each tile covers an equal share of it;
         # the global view is the whole image squashed to one tile.
@@ -153,6 +153,14 @@ class Idefics3Adapter(Adapter):
         raise UnsupportedModelError(
             f"{self.family}: the image tokens are split by tile tags (not one contiguous span), which flow needs"
         )
+
+
+class SmolVLMAdapter(Idefics3Adapter):
+    """SmolVLM / SmolVLM2: Idefics3's grid (the same image processor, pixel shuffle and tile tags), its own
+    family name so its table row is checked on its own tiny model."""
+
+    family = "smolvlm"
+    model_types = ("smolvlm",)
 
 
 class InternVLAdapter(Adapter):
@@ -232,10 +240,10 @@ class GenericAdapter(Adapter):
 
 
 MODERN_ADAPTERS: tuple[type[Adapter], ...] = (LlavaOnevisionAdapter, Gemma3Adapter, Qwen3VLAdapter, Idefics3Adapter,
-                                              InternVLAdapter)
+                                              SmolVLMAdapter, InternVLAdapter)
 
 # Model types whose stock processor wants a video processor (torchvision) that image-only use does not need.
-VIDEO_PROCESSOR_TYPES = ("llava_onevision", "qwen3_vl", "internvl")
+VIDEO_PROCESSOR_TYPES = ("llava_onevision", "qwen3_vl", "internvl", "smolvlm")
 
 
 def image_token_id_of(config: Any) -> int | None:
@@ -268,15 +276,17 @@ def load_image_only_processor(source: str, model_type: str, **hub: Any) -> Any:
     import transformers
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    from vlmscope.models.tiny import image_only_qwen_processor
+    from vlmscope.models.tiny import image_only_qwen_processor, image_only_smolvlm_processor
 
-    bases = {"llava_onevision": transformers.LlavaOnevisionProcessor, "qwen3_vl": transformers.Qwen3VLProcessor,
-             "internvl": transformers.InternVLProcessor}
+    if model_type == "smolvlm":
+        processor_cls = image_only_smolvlm_processor()
+    else:
+        bases = {"llava_onevision": transformers.LlavaOnevisionProcessor, "qwen3_vl": transformers.Qwen3VLProcessor,
+                 "internvl": transformers.InternVLProcessor}
+        processor_cls = image_only_qwen_processor(bases[model_type])
     tokenizer = AutoTokenizer.from_pretrained(source, **hub)
     image_processor = AutoImageProcessor.from_pretrained(source, **hub)
-    return image_only_qwen_processor(bases[model_type]).from_pretrained(
-        source, tokenizer=tokenizer, image_processor=image_processor, **hub
-    )
+    return processor_cls.from_pretrained(source, tokenizer=tokenizer, image_processor=image_processor, **hub)
 
 
 # --- the family table (`vlmscope models`, README) -------------------------------------------------------------
@@ -298,9 +308,11 @@ FAMILY_TABLE: tuple[tuple[str, str, str, dict[str, str]], ...] = (
      {**_ALL, "aai": "uniform", "codebook": "no"}),
     ("qwen3_vl", "Qwen3-VL (qwen3_vl)", "merged patches (grid_thw / merge), interleaved M-RoPE, DeepStack",
      {**_ALL, "aai": "uniform", "codebook": "no"}),
-    ("idefics3", "Idefics3 (idefics3), SmolVLM (smolvlm, same adapter, no tiny model)",
+    ("idefics3", "Idefics3 (idefics3)",
      "row-major tiles + a global view, pixel-shuffled patches, tile tags between",
      {**_ALL, "aai": "uniform", "flow": "no", "codebook": "no"}),
+    ("smolvlm", "SmolVLM, SmolVLM2 (smolvlm)", "as idefics3: row-major tiles + a global view, pixel-shuffled "
+     "patches, tile tags between", {**_ALL, "aai": "uniform", "flow": "no", "codebook": "no"}),
     ("internvl", "InternVL 3 / 3.5, HF port (internvl)", "row-major tiles + a thumbnail, pixel-shuffled patches",
      {**_ALL, "aai": "uniform", "codebook": "no"}),
     ("gemma3", "Gemma 3 (gemma3)", "pooled SigLIP patches, one square over the squashed image",
