@@ -52,6 +52,8 @@ timeout 300 "$venv/bin/python" -m pip install "${pip_opts[@]}" "transformers==$n
 versions=$("$venv/bin/python" -c 'import torch, torchvision, transformers; print(f"transformers {transformers.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}")')
 echo "compat: $versions"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# Tells the subset it runs here: torchvision must be present and the per-family CLI runs are on.
+export VLMSCOPE_COMPAT_JOB=1
 # The CUDA build of torch runs on the CPU here; hiding GPUs keeps the subset's numbers the CPU ones everywhere.
 export CUDA_VISIBLE_DEVICES=""
 status=0
