@@ -366,6 +366,22 @@ def test_onevision_tile_tokens_lie_where_the_grid_says():
     assert changed[base.indices()].any()
 
 
+@pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
+def test_tiled_batch_of_different_layouts_equals_each_alone(name, request):
+    # 2×2 tiles beside 1×2 (the processor pads the second input's views with empty ones), and SmolVLM's
+    # processor takes one image list per prompt.
+    vlm = request.getfixturevalue(name)
+    images = [_image(56, 40), _image(64, 20, seed=1)]
+    batch = vlm.encode(images, [PROMPT] * 2)
+    assert [vlm.adapter.tile_layout(batch, row) for row in (0, 1)] == [(2, 2), (1, 2)]
+    together = vlm.generate(images, [PROMPT] * 2, max_new_tokens=5)
+    beams = vlm.generate(images, [PROMPT] * 2, max_new_tokens=3, decoding="opera:num_beams=2")
+    for row, image in enumerate(images):
+        assert together[row].token_ids == vlm.generate(image, PROMPT, max_new_tokens=5).token_ids
+        assert beams[row].token_ids == vlm.generate(image, PROMPT, max_new_tokens=3,
+                                                    decoding="opera:num_beams=2").token_ids
+
+
 def test_internvl_packed_tiles_batch_beam_and_vcd_equal_each_alone(internvl):
     # Two images with different tile counts share one packed pixel tensor: beams and VCD's noise must follow
     # each input's own tiles (VCD's noise is drawn once per input, so a batch equals each input alone).

@@ -162,6 +162,10 @@ class SmolVLMAdapter(Idefics3Adapter):
     family = "smolvlm"
     model_types = ("smolvlm",)
 
+    def processor_images(self, images: list[Any]) -> Any:
+        # SmolVLM's processor reads a flat list as all the images of one prompt; here each prompt has one.
+        return [[image] for image in images]
+
 
 class InternVLAdapter(Adapter):
     """InternVL (HF port): row-major tiles of the closest-aspect-ratio canvas, then a thumbnail when tiled."""
