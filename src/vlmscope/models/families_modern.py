@@ -1,4 +1,5 @@
-"""Adapters for today's families (LLaVA-OneVision, Gemma 3, Qwen3-VL) and the generic image-in-sequence adapter.
+"""Adapters for today's families (LLaVA-OneVision, Gemma 3, Qwen3-VL, Idefics3, SmolVLM, InternVL) and the generic
+image-in-sequence adapter.
 
 Image grids (where each family's image tokens sit on the original image):
 - LLaVA-OneVision: like LLaVA-NeXT, a base view (the whole image resized to one square tile, side×side tokens)
@@ -14,6 +15,11 @@ Image grids (where each family's image tokens sit on the original image):
   split row-major into rows×cols tiles, then a global view (the whole image squashed to one tile); each view's
   SigLIP patches are pixel-shuffled (scale_factor² patches per token) into a square of tokens. Tiles are
   separated by `<fake_token_around_image><row_i_col_j>` tags, so the image tokens are not one contiguous run.
+  The prompt reads, per tile row, `<fake_token_around_image><row_i_col_j>` + the tile's tokens for each column,
+  then a newline; then `\n<fake_token_around_image><global-img>` + the global view's tokens +
+  `<fake_token_around_image>` (with `do_image_splitting` off, only that last part). SmolVLM has the same
+  image processor, pixel-shuffle connector and prompt layout (its adapter subclasses Idefics3's); only its
+  processor takes the images as one list per prompt.
 - InternVL (HF port): the image is stretched to the cols×rows canvas of whole tiles whose aspect ratio is
   closest to its own (min_patches..max_patches tiles), cut row-major, plus a thumbnail (the whole image
   squashed to one tile) when there is more than one tile; each tile's patches are pixel-shuffled
