@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,19 @@ def test_greedy_equals_stock_generate(saved):
     result = vlm.generate(_image(), PROMPT, max_new_tokens=6)
     _, _, ref = _stock_greedy(vlm, _image(), 6)
     assert result.token_ids == ref
+
+
+def test_forwards_pass_the_cache_under_the_installed_name(saved):
+    # transformers 5.24 renamed `past_key_values` to `cache` and warns on the old name at every call; greedy,
+    # OPERA and a contrast branch (VCD) cover every forward vlmscope makes with its own cache.
+    arch, vlm, _ = saved
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vlm.generate(_image(), PROMPT, max_new_tokens=2)
+        if arch != "gemma3":  # OPERA refuses Gemma 3 (the family table)
+            vlm.generate(_image(), PROMPT, max_new_tokens=2, decoding="opera:num_beams=2")
+        vlm.generate(_image(), PROMPT, max_new_tokens=2, interventions="vcd")
+    assert not [str(w.message) for w in caught if "past_key_values" in str(w.message)]
 
 
 def test_pai_steers_and_leaves_the_model_as_it_was(saved):
