@@ -47,6 +47,11 @@ def idefics3() -> VLM:
 
 
 @pytest.fixture(scope="module")
+def smolvlm() -> VLM:
+    return VLM(*build_tiny("smolvlm"), "tiny-smolvlm")
+
+
+@pytest.fixture(scope="module")
 def internvl() -> VLM:
     return VLM(*build_tiny("internvl"), "tiny-internvl")
 
@@ -67,7 +72,7 @@ def _stock(vlm: VLM, image: Image.Image, max_new_tokens: int, **kwargs):
     return out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), out, inputs
 
 
-@pytest.mark.parametrize("name", ["onevision", "gemma3", "qwen3_vl", "idefics3", "internvl", "generic"])
+@pytest.mark.parametrize("name", ["onevision", "gemma3", "qwen3_vl", "idefics3", "smolvlm", "internvl", "generic"])
 def test_greedy_and_beam_match_stock_generate(name, request):
     vlm = request.getfixturevalue(name)
     for image in (_image(), _image(32, 80, seed=1)):
@@ -101,7 +106,7 @@ def _stock_image_rows(vlm: VLM, image: Image.Image, steps: int) -> tuple[list[in
 
 
 @pytest.mark.parametrize(("name", "layers"), [("onevision", [0, 3]), ("gemma3", [2]), ("qwen3_vl", [1, 3]),
-                                               ("idefics3", [0, 2]), ("internvl", [1, 3])])
+                                               ("idefics3", [0, 2]), ("smolvlm", [1, 3]), ("internvl", [1, 3])])
 def test_explain_grids_equal_stock_eager_attention(name, layers, request):
     vlm = request.getfixturevalue(name)
     image = _image(64, 32)
@@ -121,7 +126,7 @@ def test_explain_grids_equal_stock_eager_attention(name, layers, request):
         assert [(g.name, g.height, g.width, g.region) for g in grids] == [
             ("tile_r0_c0", 2, 2, (0.0, 0.0, 0.5, 1.0)), ("tile_r0_c1", 2, 2, (0.5, 0.0, 1.0, 1.0)),
             ("thumbnail", 2, 2, (0.0, 0.0, 1.0, 1.0))]
-    elif name == "idefics3":
+    elif name in ("idefics3", "smolvlm"):
         # 64×32 px: one row of two 32-px tiles, then the global view; 2×2 tokens each.
         assert [(g.name, g.height, g.width, g.region) for g in grids] == [
             ("tile_r0_c0", 2, 2, (0.0, 0.0, 0.5, 1.0)), ("tile_r0_c1", 2, 2, (0.5, 0.0, 1.0, 1.0)),
@@ -236,7 +241,8 @@ def _probe(vlm: VLM, capability: str, value: str) -> None:
 
 _TABLE = {family: caps for family, _, _, caps in FAMILY_TABLE}
 _ARCH = {"llava": "llava", "llava_next": "llava-next", "qwen2_vl": "qwen2-vl", "llava_onevision": "llava-onevision",
-         "gemma3": "gemma3", "qwen3_vl": "qwen3-vl", "idefics3": "idefics3", "internvl": "internvl", "generic": "llava-onevision"}
+         "gemma3": "gemma3", "qwen3_vl": "qwen3-vl", "idefics3": "idefics3", "smolvlm": "smolvlm", "internvl": "internvl",
+         "generic": "llava-onevision"}
 
 
 @pytest.mark.parametrize("family", list(_TABLE))
@@ -272,7 +278,7 @@ def test_models_command_prints_the_table(capsys):
     assert markdown in readme, "README's family table is out of date: paste `vlmscope models --markdown`"
 
 
-@pytest.mark.parametrize("arch", ["llava-onevision", "gemma3", "qwen3-vl", "idefics3", "internvl"])
+@pytest.mark.parametrize("arch", ["llava-onevision", "gemma3", "qwen3-vl", "idefics3", "smolvlm", "internvl"])
 def test_tiny_model_cli_loads_with_stock_classes_and_runs_opera_pai_explain(arch, tmp_path, capsys):
     out = tmp_path / arch
     assert main(["tiny-model", "--arch", arch, "--out", str(out), "--seed", "2"]) == 0
@@ -328,7 +334,7 @@ def _changed_tokens(vlm: VLM, clean: Image.Image, edited: Image.Image) -> np.nda
     return ((feats[0] - feats[1]).abs().amax(-1) > 1e-6).numpy()
 
 
-@pytest.mark.parametrize(("arch", "whole"), [("idefics3", "global"), ("internvl", "thumbnail")])
+@pytest.mark.parametrize(("arch", "whole"), [("idefics3", "global"), ("smolvlm", "global"), ("internvl", "thumbnail")])
 def test_tiles_lie_where_their_regions_say(arch, whole):
     # An edit inside the bottom-left quarter changes that tile's tokens and the whole-image view's, nothing else.
     vlm = VLM(*build_tiny(arch), f"tiny-{arch}")
@@ -358,6 +364,22 @@ def test_onevision_tile_tokens_lie_where_the_grid_says():
     expected[:4, 4:] = True
     np.testing.assert_array_equal(cells, expected)
     assert changed[base.indices()].any()
+
+
+@pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
+def test_tiled_batch_of_different_layouts_equals_each_alone(name, request):
+    # 2×2 tiles beside 1×2 (the processor pads the second input's views with empty ones), and SmolVLM's
+    # processor takes one image list per prompt.
+    vlm = request.getfixturevalue(name)
+    images = [_image(56, 40), _image(64, 20, seed=1)]
+    batch = vlm.encode(images, [PROMPT] * 2)
+    assert [vlm.adapter.tile_layout(batch, row) for row in (0, 1)] == [(2, 2), (1, 2)]
+    together = vlm.generate(images, [PROMPT] * 2, max_new_tokens=5)
+    beams = vlm.generate(images, [PROMPT] * 2, max_new_tokens=3, decoding="opera:num_beams=2")
+    for row, image in enumerate(images):
+        assert together[row].token_ids == vlm.generate(image, PROMPT, max_new_tokens=5).token_ids
+        assert beams[row].token_ids == vlm.generate(image, PROMPT, max_new_tokens=3,
+                                                    decoding="opera:num_beams=2").token_ids
 
 
 def test_internvl_packed_tiles_batch_beam_and_vcd_equal_each_alone(internvl):

@@ -155,7 +155,8 @@ class Adapter:
                dtype: torch.dtype | None = None) -> Batch:
         texts = [self.render_prompt(p) for p in prompts]
         # Left padding for this call only: the caller's tokenizer keeps its own padding_side.
-        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left")
+        inputs = self.processor(images=self.processor_images(images), text=texts, return_tensors="pt", padding=True,
+                                padding_side="left")
         inputs = dict(inputs)
         input_ids = inputs.pop("input_ids").to(device)
         attention_mask = inputs.pop("attention_mask").to(device)
@@ -171,6 +172,10 @@ class Adapter:
             raise InputError("a prompt has no image tokens: check the chat template places the image")
         return Batch(input_ids, attention_mask, model_inputs, image_mask,
                      [tuple(im.size) for im in images], list(prompts))
+
+    def processor_images(self, images: list[Any]) -> Any:
+        """The images as the processor takes them for one image per prompt (a flat list for most families)."""
+        return images
 
     def encode_text_only(self, prompts: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """The same prompts without the image (for CFG's unconditional branch)."""

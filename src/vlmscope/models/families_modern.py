@@ -1,4 +1,5 @@
-"""Adapters for today's families (LLaVA-OneVision, Gemma 3, Qwen3-VL) and the generic image-in-sequence adapter.
+"""Adapters for today's families (LLaVA-OneVision, Gemma 3, Qwen3-VL, Idefics3, SmolVLM, InternVL) and the generic
+image-in-sequence adapter.
 
 Image grids (where each family's image tokens sit on the original image):
 - LLaVA-OneVision: like LLaVA-NeXT, a base view (the whole image resized to one square tile, side×side tokens)
@@ -14,6 +15,11 @@ Image grids (where each family's image tokens sit on the original image):
   split row-major into rows×cols tiles, then a global view (the whole image squashed to one tile); each view's
   SigLIP patches are pixel-shuffled (scale_factor² patches per token) into a square of tokens. Tiles are
   separated by `<fake_token_around_image><row_i_col_j>` tags, so the image tokens are not one contiguous run.
+  The prompt reads, per tile row, `<fake_token_around_image><row_i_col_j>` + the tile's tokens for each column,
+  then a newline; then `\n<fake_token_around_image><global-img>` + the global view's tokens +
+  `<fake_token_around_image>` (with `do_image_splitting` off, only that last part). SmolVLM has the same
+  image processor, pixel-shuffle connector and prompt layout (its adapter subclasses Idefics3's); only its
+  processor takes the images as one list per prompt.
 - InternVL (HF port): the image is stretched to the cols×rows canvas of whole tiles whose aspect ratio is
   closest to its own (min_patches..max_patches tiles), cut row-major, plus a thumbnail (the whole image
   squashed to one tile) when there is more than one tile; each tile's patches are pixel-shuffled
@@ -107,10 +113,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
 
 class Idefics3Adapter(Adapter):
-    """Idefics3 (and SmolVLM, same layout): row-major tiles, then a global view, each a square of tokens."""
+    """Idefics3: row-major tiles, then a global view, each a square of tokens."""
 
     family = "idefics3"
-    model_types = ("idefics3", "smolvlm")
+    model_types = ("idefics3",)
 
     def tokens_per_view(self) -> int:
         """Image tokens per tile or global view: (image_size / patch_size)² patches / scale_factor²."""
@@ -139,7 +145,7 @@ class Idefics3Adapter(Adapter):
         n = int(batch.image_mask[row].sum())
         expected = per_view * (rows * cols + 1)
         if n != expected or side * side != per_view:
-            raise InputError(f"Idefics3 layout mismatch: {n} image tokens, expected {expected} "
+            raise InputError(f"{self.family} layout mismatch: {n} image tokens, expected {expected} "
                              f"({rows}×{cols} tiles + a global view of {per_view}; one image per prompt)")
         # The processor stretches the image to rows×cols whole tiles, so each tile covers an equal share of it;
         # the global view is the whole image squashed to one tile.
@@ -153,6 +159,18 @@ class Idefics3Adapter(Adapter):
         raise UnsupportedModelError(
             f"{self.family}: the image tokens are split by tile tags (not one contiguous span), which flow needs"
         )
+
+
+class SmolVLMAdapter(Idefics3Adapter):
+    """SmolVLM / SmolVLM2: Idefics3's grid (the same image processor, pixel shuffle and tile tags), its own
+    family name so its table row is checked on its own tiny model."""
+
+    family = "smolvlm"
+    model_types = ("smolvlm",)
+
+    def processor_images(self, images: list[Any]) -> Any:
+        # SmolVLM's processor reads a flat list as all the images of one prompt; here each prompt has one.
+        return [[image] for image in images]
 
 
 class InternVLAdapter(Adapter):
@@ -232,10 +250,10 @@ class GenericAdapter(Adapter):
 
 
 MODERN_ADAPTERS: tuple[type[Adapter], ...] = (LlavaOnevisionAdapter, Gemma3Adapter, Qwen3VLAdapter, Idefics3Adapter,
-                                              InternVLAdapter)
+                                              SmolVLMAdapter, InternVLAdapter)
 
 # Model types whose stock processor wants a video processor (torchvision) that image-only use does not need.
-VIDEO_PROCESSOR_TYPES = ("llava_onevision", "qwen3_vl", "internvl")
+VIDEO_PROCESSOR_TYPES = ("llava_onevision", "qwen3_vl", "internvl", "smolvlm")
 
 
 def image_token_id_of(config: Any) -> int | None:
@@ -268,15 +286,17 @@ def load_image_only_processor(source: str, model_type: str, **hub: Any) -> Any:
     import transformers
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    from vlmscope.models.tiny import image_only_qwen_processor
+    from vlmscope.models.tiny import image_only_qwen_processor, image_only_smolvlm_processor
 
-    bases = {"llava_onevision": transformers.LlavaOnevisionProcessor, "qwen3_vl": transformers.Qwen3VLProcessor,
-             "internvl": transformers.InternVLProcessor}
+    if model_type == "smolvlm":
+        processor_cls = image_only_smolvlm_processor()
+    else:
+        bases = {"llava_onevision": transformers.LlavaOnevisionProcessor, "qwen3_vl": transformers.Qwen3VLProcessor,
+                 "internvl": transformers.InternVLProcessor}
+        processor_cls = image_only_qwen_processor(bases[model_type])
     tokenizer = AutoTokenizer.from_pretrained(source, **hub)
     image_processor = AutoImageProcessor.from_pretrained(source, **hub)
-    return image_only_qwen_processor(bases[model_type]).from_pretrained(
-        source, tokenizer=tokenizer, image_processor=image_processor, **hub
-    )
+    return processor_cls.from_pretrained(source, tokenizer=tokenizer, image_processor=image_processor, **hub)
 
 
 # --- the family table (`vlmscope models`, README) -------------------------------------------------------------
@@ -298,9 +318,11 @@ FAMILY_TABLE: tuple[tuple[str, str, str, dict[str, str]], ...] = (
      {**_ALL, "aai": "uniform", "codebook": "no"}),
     ("qwen3_vl", "Qwen3-VL (qwen3_vl)", "merged patches (grid_thw / merge), interleaved M-RoPE, DeepStack",
      {**_ALL, "aai": "uniform", "codebook": "no"}),
-    ("idefics3", "Idefics3 (idefics3), SmolVLM (smolvlm, same adapter, no tiny model)",
+    ("idefics3", "Idefics3 (idefics3)",
      "row-major tiles + a global view, pixel-shuffled patches, tile tags between",
      {**_ALL, "aai": "uniform", "flow": "no", "codebook": "no"}),
+    ("smolvlm", "SmolVLM, SmolVLM2 (smolvlm)", "as idefics3: row-major tiles + a global view, pixel-shuffled "
+     "patches, tile tags between", {**_ALL, "aai": "uniform", "flow": "no", "codebook": "no"}),
     ("internvl", "InternVL 3 / 3.5, HF port (internvl)", "row-major tiles + a thumbnail, pixel-shuffled patches",
      {**_ALL, "aai": "uniform", "codebook": "no"}),
     ("gemma3", "Gemma 3 (gemma3)", "pooled SigLIP patches, one square over the squashed image",

@@ -13,6 +13,8 @@ The stock model's `forward` needs the image on every call (it re-encodes it), so
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -27,10 +29,31 @@ def has_qformer(model: Any) -> bool:
 
 
 def model_forward(model: Any, **kwargs: Any) -> Any:
-    """`model(**kwargs)`; for Q-Former models without `pixel_values`, their language model (same cache)."""
-    if "pixel_values" not in kwargs and has_qformer(model):
-        return model.language_model(**kwargs)
-    return model(**kwargs)
+    """`model(**kwargs)`; for Q-Former models without `pixel_values`, their language model (same cache).
+
+    `past_key_values` goes in as `cache` where the forward takes that name instead (transformers 5.24 renamed
+    it and deprecated the old one, to be removed in 5.40).
+    """
+    target = model.language_model if "pixel_values" not in kwargs and has_qformer(model) else model
+    if "past_key_values" in kwargs and _cache_argument(target) == "cache":
+        kwargs["cache"] = kwargs.pop("past_key_values")
+    return target(**kwargs)
+
+
+def _cache_argument(module: Any) -> str:
+    """The name under which `module`'s forward takes the KV cache."""
+    names = _forward_parameters(type(module))
+    for name in ("cache", "past_key_values"):
+        if name in names:
+            return name
+    # A forward that hands **kwargs on (BLIP-2's, InstructBLIP's) takes its language model's name.
+    inner = getattr(module, "language_model", None)
+    return _cache_argument(inner) if inner is not None else "past_key_values"
+
+
+@functools.cache
+def _forward_parameters(module_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(module_class.forward).parameters)
 
 
 class QFormerAdapter(Adapter):

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 BUILTIN_TINY = {"tiny-llava": "llava", "tiny-llava-next": "llava-next", "tiny-qwen2-vl": "qwen2-vl",
                 "tiny-llava-onevision": "llava-onevision", "tiny-gemma3": "gemma3", "tiny-qwen3-vl": "qwen3-vl",
-                "tiny-idefics3": "idefics3", "tiny-internvl": "internvl",
+                "tiny-idefics3": "idefics3", "tiny-smolvlm": "smolvlm", "tiny-internvl": "internvl",
                 "tiny-instructblip": "instructblip", "tiny-minigpt4": "minigpt4", "tiny-shikra": "shikra"}
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
 

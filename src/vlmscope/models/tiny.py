@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llava", "llava-next", "qwen2-vl", "llava-onevision", "gemma3", "qwen3-vl", "idefics3", "internvl",
-         "instructblip", "minigpt4", "shikra")
+ARCHS = ("llava", "llava-next", "qwen2-vl", "llava-onevision", "gemma3", "qwen3-vl", "idefics3", "smolvlm",
+         "internvl", "instructblip", "minigpt4", "shikra")
 
 WORDS = (
     "USER ASSISTANT : user assistant system what is in the image ? a an cat dog red blue green "
@@ -278,7 +278,8 @@ def _seed_builders() -> dict[str, Any]:
 BUILDERS = {"llava": build_llava, "llava-next": build_llava_next, "qwen2-vl": build_qwen2_vl,
             "llava-onevision": lambda **kw: build_llava_onevision(**kw), "gemma3": lambda **kw: build_gemma3(**kw),
             "qwen3-vl": lambda **kw: build_qwen3_vl(**kw),
-            "idefics3": lambda **kw: build_idefics3(**kw), "internvl": lambda **kw: build_internvl(**kw),
+            "idefics3": lambda **kw: build_idefics3(**kw), "smolvlm": lambda **kw: build_smolvlm(**kw),
+            "internvl": lambda **kw: build_internvl(**kw),
             **_seed_builders()}
 
 
@@ -308,11 +309,13 @@ def save_tiny(arch: str, out: str | Path, seed: int = 0) -> Path:
 # directory still has to name one, or stock `AutoProcessor.from_pretrained` stops at "Can't load video
 # processor" (on every transformers 5.x) before it even looks for torchvision.
 VIDEO_PROCESSORS = {"qwen2-vl": "Qwen2VLVideoProcessor", "qwen3-vl": "Qwen3VLVideoProcessor",
-                    "llava-onevision": "LlavaOnevisionVideoProcessor", "internvl": "InternVLVideoProcessor"}
+                    "llava-onevision": "LlavaOnevisionVideoProcessor", "internvl": "InternVLVideoProcessor",
+                    "smolvlm": "SmolVLMVideoProcessor"}
 # Image-processor settings a family's video processor shares (same patching and normalisation, so a video
 # frame is cut as an image would be); the image-only ones (tiling, padding, grid pinpoints) stay out.
 _SHARED_WITH_VIDEO = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std",
-                      "resample", "rescale_factor", "size", "patch_size", "merge_size", "temporal_patch_size")
+                      "resample", "rescale_factor", "size", "max_image_size", "patch_size", "merge_size",
+                      "temporal_patch_size")
 
 
 def _write_video_processor_config(arch: str, processor: Any, out: Path) -> None:
@@ -482,10 +485,7 @@ IDEFICS_TEMPLATE = (
 def build_idefics3(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
     """Idefics3: 32-px tiles (row-major, up to 2×2 here) then a global view, each tile's 4×4 SigLIP patches
     pixel-shuffled (scale 2) into 2×2 tokens; `<row_i_col_j>` and `<global-img>` tags between tiles.
-
-    (SmolVLM has the same layout but no tiny model: its stock processor needs the `num2words` package, and its
-    `apply_chat_template` reads `video_processor.num_frames`/`fps` even for image-only chats, so it cannot
-    render a prompt without a video processor, hence torchvision.)"""
+    (SmolVLM: `build_smolvlm`, same layout.)"""
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
@@ -517,6 +517,74 @@ def build_idefics3(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
     seq_len = (image_size // patch_size) ** 2 // scale_factor**2
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len,
                                   chat_template=IDEFICS_TEMPLATE)
+    return model, processor
+
+
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ 'User' if message['role'] == 'user' else 'Assistant' }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def image_only_smolvlm_processor() -> type:
+    """SmolVLM's stock processor without its video processor (which needs torchvision).
+
+    Besides dropping the attribute, `apply_chat_template` must not read `video_processor.num_frames`/`fps`,
+    which the stock method forwards for videos even when a chat holds only images; the prompt text does not
+    depend on them. Saved under the stock class name, like `image_only_qwen_processor`.
+    """
+    from transformers import SmolVLMProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlySmolVLMProcessor(image_only_qwen_processor(SmolVLMProcessor)):  # type: ignore[misc]
+        def apply_chat_template(self, conversation: Any, chat_template: str | None = None, **kwargs: Any) -> Any:
+            if getattr(self, "video_processor", None) is not None:
+                return super().apply_chat_template(conversation, chat_template, **kwargs)
+            return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
+
+    ImageOnlySmolVLMProcessor.__name__ = SmolVLMProcessor.__name__
+    ImageOnlySmolVLMProcessor.__qualname__ = SmolVLMProcessor.__qualname__
+    return ImageOnlySmolVLMProcessor
+
+
+def build_smolvlm(seed: int = 0, scale: float = 8.0) -> tuple[Any, Any]:
+    """SmolVLM: Idefics3's layout (32-px tiles row-major, up to 2×2 here, then a global view; each view's 4×4
+    SigLIP patches pixel-shuffled, scale 2, into 2×2 tokens; `<row_i_col_j>` / `<global-img>` tags between)
+    with SmolVLM's classes, `<|im_start|>User:` template and processor (which needs `num2words`)."""
+    from transformers import (
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageProcessorPil,
+        SmolVLMVisionConfig,
+    )
+
+    tags = tuple(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))
+    extra = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>", "<video>", *tags)
+    tokenizer = build_tokenizer(("User", "Assistant"), extra_specials=extra)
+    tokenizer._tokenizer.post_processor = None  # SmolVLM's tokenizer adds no BOS; `<|im_start|>` opens the chat
+    image_size, patch_size, scale_factor = 32, 8, 2
+    vision_config = SmolVLMVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+    config = SmolVLMConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=_text_config(tokenizer).to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=scale_factor,
+    )
+    torch.manual_seed(seed)
+    model = SmolVLMForConditionalGeneration(config).eval()
+    _scale_weights(model, scale, tokenizer)
+    _zero_special_rows(model, tokenizer, extra)
+    image_processor = SmolVLMImageProcessorPil(size={"longest_edge": 2 * image_size},
+                                               max_image_size={"longest_edge": image_size}, do_image_splitting=True)
+    seq_len = (image_size // patch_size) ** 2 // scale_factor**2
+    processor = image_only_smolvlm_processor()(image_processor=image_processor, tokenizer=tokenizer,
+                                               video_processor=None, image_seq_len=seq_len,
+                                               chat_template=SMOLVLM_TEMPLATE)
     return model, processor
 
 
