@@ -24,6 +24,7 @@ from vlmscope.api import VLM
 from vlmscope.errors import InputError
 from vlmscope.interventions.base import INTERVENTIONS
 from vlmscope.interventions.sid import least_attended_mask
+from vlmscope.models.families_seed import model_forward  # the cache under the installed name (5.24: `cache`)
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +93,12 @@ def _introspective_logits(vlm, inputs, tokens):
     try:
         cache = DynamicCache(config=vlm.model.config)
         with torch.no_grad():
-            out = vlm.model(**inputs, past_key_values=cache, use_cache=True)
+            out = model_forward(vlm.model, **inputs, past_key_values=cache, use_cache=True)
             rows.append(out.logits[0, -1].float())
             for t, token in enumerate(tokens):
                 mask = torch.ones(1, ids.shape[1] + t + 1, dtype=torch.long)
-                out = vlm.model(input_ids=torch.tensor([[token]]), attention_mask=mask, past_key_values=cache,
-                                use_cache=True)
+                out = model_forward(vlm.model, input_ids=torch.tensor([[token]]), attention_mask=mask,
+                                    past_key_values=cache, use_cache=True)
                 rows.append(out.logits[0, -1].float())
     finally:
         vlm.model.set_attn_implementation({"text_config": previous})

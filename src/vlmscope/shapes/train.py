@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlmscope.models.families_seed import model_forward
 from vlmscope.shapes.build import DEFAULT_SIZE, build_model
 from vlmscope.shapes.vocab import CATEGORIES, COLOURS
 from vlmscope.shapes.world import (
@@ -211,8 +212,8 @@ def shared_prefix_loss(
     out = model.model(input_ids=prefix.expand(n_img, -1), pixel_values=batch.pixels, use_cache=True)
     cache = out.past_key_values
     cache.batch_repeat_interleave(repeats)
-    lm_out = model.model.language_model(
-        input_ids=batch.ids, past_key_values=cache, use_cache=True, output_hidden_states=heads is not None,
+    lm_out = model_forward(  # the cache under the installed transformers' name
+        model.model.language_model, input_ids=batch.ids, past_key_values=cache, use_cache=True, output_hidden_states=heads is not None,
         output_attentions=heads is not None,
     )
     logits = model.lm_head(lm_out.last_hidden_state)
