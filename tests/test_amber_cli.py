@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+from stock_oracles import stock_greedy_text
 from test_amber import PARITY, nltk_data  # noqa: F401 (fixture)
 
 from vlmscope.eval.amber import amber_scores, select_queries
@@ -43,18 +44,6 @@ def amber_run(tmp_path_factory, nltk_data):  # noqa: F811
     return data, out
 
 
-def _stock_greedy_text(image_path, prompt, max_new):
-    """Oracle: stock `generate` of the same tiny model on one image, decoded the same way."""
-    from PIL import Image
-
-    import vlmscope
-
-    vlm = vlmscope.load("tiny-llava")
-    batch = vlm.encode([Image.open(image_path)], [prompt])
-    out = vlm.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.model_inputs,
-                             do_sample=False, max_new_tokens=max_new)
-    return vlm.adapter.tokenizer.decode(out[0, batch.input_ids.shape[1]:], skip_special_tokens=True).strip()
-
 
 def test_run_answers_the_official_queries_and_scores_them(amber_run):
     data, out = amber_run
@@ -64,7 +53,7 @@ def test_run_answers_the_official_queries_and_scores_them(amber_run):
     assert sorted(r["id"] for r in rows) == [q["id"] for q in queries]
     by_id = {r["id"]: r for r in rows}
     assert by_id[1]["query"] == "Describe this image."
-    assert by_id[1]["response"] == _stock_greedy_text(data / "AMBER_1.jpg", "Describe this image.", 3)
+    assert by_id[1]["response"] == stock_greedy_text(data / "AMBER_1.jpg", "Describe this image.", 3)
     run = json.loads((out / "run.json").read_text())
     assert run["kind"] == "eval-amber"
     s = run["settings"]
@@ -177,6 +166,6 @@ def test_suffix_reaches_the_yes_no_prompts(amber_run, tmp_path):
     rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [q["id"] for q in select_queries("existence", 1)]
     first = rows[0]
-    assert first["response"] == _stock_greedy_text(data / first["image"], first["query"] + suffix, 3)
+    assert first["response"] == stock_greedy_text(data / first["image"], first["query"] + suffix, 3)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["groups"]) == {"existence"} and metrics["settings"]["discriminative_suffix"] == suffix

@@ -6,6 +6,7 @@ import argparse
 import json
 
 import pytest
+from stock_oracles import stock_greedy_text
 
 from vlmscope.eval.seed_flags import add_seed_flags, method_specs
 
@@ -49,18 +50,6 @@ def _questions(path, ids, split):
     return path
 
 
-def _stock_greedy_text(image_path, prompt, max_new):
-    """Oracle: stock `generate` of the same tiny model on one image, decoded the same way."""
-    from PIL import Image
-
-    import vlmscope
-
-    vlm = vlmscope.load("tiny-llava")
-    batch = vlm.encode([Image.open(image_path)], [prompt])
-    out = vlm.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.model_inputs,
-                             do_sample=False, max_new_tokens=max_new)
-    return vlm.adapter.tokenizer.decode(out[0, batch.input_ids.shape[1]:], skip_special_tokens=True).strip()
-
 
 def test_eval_end_to_end_on_tiny_model_resumes(tmp_path):
     from vlmscope.cli import main
@@ -76,7 +65,7 @@ def test_eval_end_to_end_on_tiny_model_resumes(tmp_path):
     rows = [json.loads(line) for line in first.splitlines()]
     # Batched captions equal stock generate on each image alone.
     row = rows[0]
-    assert row["caption"] == _stock_greedy_text(row["image"], "describe this image .", 4)
+    assert row["caption"] == stock_greedy_text(row["image"], "describe this image .", 4)
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert set(metrics) >= {"CHAIR_S", "CHAIR_I", "Recall", "Len", "Precision", "F1"}
     details = json.loads((out / "chair_details.json").read_text())

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from stock_oracles import stock_greedy_text
 
 from vlmscope.cli import main
 from vlmscope.errors import InputError
@@ -234,18 +235,6 @@ def test_image_folders_per_dataset(tmp_path):
 # End to end on the tiny model
 
 
-def _stock_greedy_text(image_path: str, prompt: str, max_new: int) -> str:
-    """Oracle: stock `generate` of the tiny model on one image, decoded the same way."""
-    from PIL import Image
-
-    import vlmscope
-
-    vlm = vlmscope.load("tiny-llava")
-    batch = vlm.encode([Image.open(image_path)], [prompt])
-    out = vlm.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.model_inputs,
-                             do_sample=False, max_new_tokens=max_new)
-    return vlm.adapter.tokenizer.decode(out[0, batch.input_ids.shape[1]:], skip_special_tokens=True).strip()
-
 
 def test_aokvqa_and_gqa_end_to_end_with_resume(tmp_path, monkeypatch, capsys):
     import vlmscope.eval.model_eval as model_eval
@@ -275,7 +264,7 @@ def test_aokvqa_and_gqa_end_to_end_with_resume(tmp_path, monkeypatch, capsys):
     assert [r["qkey"] for r in rows] == [f"aokvqa-random:{i}" for i in range(1, 7)] + \
         [f"gqa-random:{i}" for i in range(1, 5)]
     gqa_row = rows[6]
-    assert gqa_row["answer"] == _stock_greedy_text(str(g_dir / gqa_row["image"]), gqa_row["text"], 2)
+    assert gqa_row["answer"] == stock_greedy_text(str(g_dir / gqa_row["image"]), gqa_row["text"], 2)
 
     payload = json.loads((out / "metrics.json").read_text())
     assert set(payload["splits"]) == {"aokvqa-random", "gqa-random"}
