@@ -10,22 +10,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.compat-venv
-log="$venv/pip.log"
 # torchvision only imports beside the torch it was built for, so the two are pinned together. These are
 # newer than the main suite's torch (constraints.txt), whose release has no working torchvision on the index.
 torch_pins=(torch==2.14.1 torchvision==0.29.1)
-# Short network timeouts and one retry: an unreachable index fails in well under a minute instead of hanging.
-net_opts=(--disable-pip-version-check --timeout 20 --retries 1)
-pip_opts=(-q "${net_opts[@]}")
 
-no_index() {
-    if [ "${CI:-}" = true ]; then
-        echo "compat: cannot get $1 from the package index (see $log); the newest-transformers job needs it" >&2
-        exit 1
-    fi
-    echo "compat: package index unreachable ($1, see $log); skipping the newest-transformers subset" >&2
-    exit 0
-}
+job=compat need="the newest-transformers job" skip="the newest-transformers subset"
+source scripts/side_venv.sh
 
 start=$SECONDS
 # The marker holds the pins the venv was built with: changing them rebuilds it.
@@ -34,7 +24,7 @@ if [ "$(cat "$venv/.built" 2>/dev/null)" != "${torch_pins[*]}" ]; then
     python3 -m venv "$venv"
     # The package's own dependencies (read from pyproject.toml); the package itself runs from src/ through
     # PYTHONPATH, so nothing is written into the worktree.
-    mapfile -t deps < <(python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
+    read_package_deps
     timeout 900 "$venv/bin/python" -m pip install "${pip_opts[@]}" "${torch_pins[@]}" "${deps[@]}" pytest \
         >"$log" 2>&1 || no_index "the package's dependencies"
     echo "${torch_pins[*]}" >"$venv/.built"

@@ -13,26 +13,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.lmms-venv
-log="$venv/pip.log"
-# Short network timeouts and one retry: an unreachable index fails in well under a minute instead of hanging.
-net_opts=(--disable-pip-version-check --timeout 20 --retries 1)
-pip_opts=(-q "${net_opts[@]}")
 
-no_index() {
-    if [ "${CI:-}" = true ]; then
-        echo "lmms-eval: cannot get $1 from the package index (see $log); the lmms-eval plug-in job needs it" >&2
-        exit 1
-    fi
-    echo "lmms-eval: package index unreachable ($1, see $log); skipping the lmms-eval plug-in test" >&2
-    exit 0
-}
+job=lmms-eval need="the lmms-eval plug-in job" skip="the lmms-eval plug-in test"
+source scripts/side_venv.sh
 
 if [ ! -f "$venv/.built" ]; then
     rm -rf "$venv"
     python3 -m venv "$venv"
     # The package's own dependencies (read from pyproject.toml) in the same resolution as lmms-eval's, so pip
     # picks one torch / transformers that satisfies both.
-    mapfile -t deps < <(python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
+    read_package_deps
     timeout 1200 "$venv/bin/python" -m pip install "${pip_opts[@]}" "lmms-eval==0.7.3" "filelock<4" pytest "setuptools>=68" \
         "${deps[@]}" >"$log" 2>&1 || no_index "lmms-eval==0.7.3 and the package's dependencies"
     touch "$venv/.built"
