@@ -87,6 +87,13 @@ def test_kill_resume_rescore_and_refusals(amber_run, tmp_path, capsys):
     assert (out / "responses.jsonl").read_text() == full
     assert json.loads((out / "metrics.json").read_text())["scoring"]["parser"] == "lenient"
     assert json.loads((out / "run.json").read_text())["settings"]["amber_parser"] == "lenient"
+    # --json: stdout is one JSON document that says how the stored rows were scored.
+    capsys.readouterr()
+    assert main(_argv(data, out, "--amber-parser", "halva", "--json")) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["scoring"]["parser"] == "halva" and printed["reused"] == n and printed["computed"] == 0
+    assert printed["scoring"]["similarity"] == "skipped (spaCy en_core_web_lg not installed)"
+    assert main(_argv(data, out, "--amber-parser", "lenient")) == 0
     before = _snapshot(out)
     for extra, key in ((["--max-new-tokens", "4"], "max_new_tokens"), (["--amber-task", "generative"], "amber_task"),
                        (["--decoding", "beam:num_beams=2"], "decoding"),

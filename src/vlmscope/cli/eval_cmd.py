@@ -155,9 +155,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{summary_line(report.payload['scoring'], metrics)}  → {folder.path}", file=out)
     print(f"{report.reused} stored rows reused, {report.computed} computed", file=out)
     if args.json:
-        emit_json({"kind": folder.kind, "out": str(folder.path), "metrics": metrics,
+        payload = {"kind": folder.kind, "out": str(folder.path), "metrics": metrics,
                    "splits": report.payload.get("splits"), "n_items": report.payload["n_items"],
-                   "reused": report.reused, "computed": report.computed, "settings": folder.settings})
+                   "reused": report.reused, "computed": report.computed, "settings": folder.settings}
+        if "scoring" in report.payload:  # AMBER: how it was scored (parser, similarity step run or skipped)
+            payload["scoring"] = report.payload["scoring"]
+        emit_json(payload)
     return 0
 
 
