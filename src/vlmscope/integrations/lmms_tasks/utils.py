@@ -1,0 +1,123 @@
+"""Functions of vlmscope's lmms-eval tasks (the YAML files next to this module name them as `!function utils.x`).
+
+lmms-eval loads this file by its path, as a module named `utils`, so it imports vlmscope absolutely and keeps
+no state: every function works from its arguments alone.
+
+Images come from the folder an environment variable names (`IMAGE_DIR_VARIABLES`). lmms-eval's CLI logs an
+evaluation error as one line and exits 0, so a missing variable or image raises `InputError` whose message names
+the variable and what the folder must hold; it appears in that line ("Error during evaluation: ...").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from vlmscope.errors import InputError
+
+# The image folder of each dataset. A-OKVQA's POPE images are MSCOCO val2014 images under their COCO names.
+IMAGE_DIR_VARIABLES = {"coco": "VLMSCOPE_COCO_DIR", "aokvqa": "VLMSCOPE_COCO_DIR", "gqa": "VLMSCOPE_GQA_DIR"}
+IMAGE_FOLDER_CONTENTS = {
+    "VLMSCOPE_COCO_DIR": "MSCOCO val2014 images (COCO_val2014_<12-digit id>.jpg)",
+    "VLMSCOPE_GQA_DIR": "GQA images (<Visual Genome id>.jpg, from GQA's images.zip)",
+}
+# vlmscope's default POPE rule (POPE's and LLaVA's own parser); the task YAML records it as `pope_answer_rule`.
+POPE_RULE = "official"
+
+
+def image_folder(variable: str) -> Path:
+    """The folder the environment variable names; `InputError` naming the variable when unset or not a folder."""
+    holds = IMAGE_FOLDER_CONTENTS[variable]
+    value = os.environ.get(variable, "").strip()
+    if not value:
+        raise InputError(f"{variable} is not set; set it to the folder holding {holds}")
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"{variable}={value} is not a folder; set {variable} to the folder holding {holds}")
+    return folder
+
+
+def load_image(variable: str, name: str) -> Any:
+    """The RGB image `name` from the folder of `variable`."""
+    from PIL import Image
+
+    path = image_folder(variable) / name
+    if not path.is_file():
+        raise InputError(f"image not found: {path}; set {variable} to the folder holding "
+                         f"{IMAGE_FOLDER_CONTENTS[variable]}")
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+# Checked when lmms-eval loads a task's documents (`process_docs`), before any request runs; images are
+# checked one by one as documents are answered, since `--limit` runs need only the first few.
+def check_coco_dir(dataset: Any) -> Any:
+    image_folder("VLMSCOPE_COCO_DIR")
+    return dataset
+
+
+def check_gqa_dir(dataset: Any) -> Any:
+    image_folder("VLMSCOPE_GQA_DIR")
+    return dataset
+
+
+def doc_to_visual_coco(doc: Mapping[str, Any]) -> list[Any]:
+    return [load_image("VLMSCOPE_COCO_DIR", doc["image"])]
+
+
+def doc_to_visual_gqa(doc: Mapping[str, Any]) -> list[Any]:
+    return [load_image("VLMSCOPE_GQA_DIR", doc["image"])]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# POPE
+
+
+def pope_doc_to_text(doc: Mapping[str, Any], lmms_eval_specific_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The POPE question, between the task's `pre_prompt` and `post_prompt` (both empty in the shipped tasks)."""
+    kwargs = lmms_eval_specific_kwargs or {}
+    return f"{kwargs.get('pre_prompt', '')}{doc['text']}{kwargs.get('post_prompt', '')}"
+
+
+def pope_process_results(doc: Mapping[str, Any], results: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """One record per metric (the same for all): the answer with what scoring needs. The metrics are computed
+    over the whole run in the aggregations, so each record only carries the answer and its question."""
+    from vlmscope.eval.pope import parse_answer
+
+    answer = results[0]
+    label = str(doc["label"]).strip().lower()
+    record = {"question_id": doc["question_id"], "image": doc["image"], "label": label, "answer": answer,
+              # For the samples log only; the aggregation parses the answer again through pope_scores.
+              "parsed": parse_answer(answer, POPE_RULE, label), "rule": POPE_RULE}
+    return {metric: record for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+
+
+def pope_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """`vlmscope.eval.pope.pope_scores` of the run's answers against their questions (one split: a task is one)."""
+    from vlmscope.eval.pope import pope_scores
+
+    answers = [{"question_id": r["question_id"], "answer": r["answer"]} for r in records]
+    questions = [{"question_id": r["question_id"], "image": r["image"], "label": r["label"]} for r in records]
+    return pope_scores(answers, questions, rule=POPE_RULE)["splits"]["all"]
+
+
+def pope_accuracy(records: Sequence[Mapping[str, Any]]) -> float:
+    return pope_metrics(records)["Accuracy"]
+
+
+def pope_precision(records: Sequence[Mapping[str, Any]]) -> float:
+    return pope_metrics(records)["Precision"]
+
+
+def pope_recall(records: Sequence[Mapping[str, Any]]) -> float:
+    return pope_metrics(records)["Recall"]
+
+
+def pope_f1(records: Sequence[Mapping[str, Any]]) -> float:
+    return pope_metrics(records)["F1"]
+
+
+def pope_yes_ratio(records: Sequence[Mapping[str, Any]]) -> float:
+    return pope_metrics(records)["Yes_ratio"]
