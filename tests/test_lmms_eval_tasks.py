@@ -5,7 +5,9 @@ shipped tasks run unchanged on the first questions of the shipped GQA and A-OKVQ
 generated images under the dataset's own file names. Oracles: every logged answer is `vlmscope.load(model)
 .generate(image, question)` on that document alone (the task's decoding: greedy, 16 new tokens, no stop string);
 every metric is `vlmscope.eval.pope.pope_scores` (what `vlmscope pope score` prints) on those answers and the
-shipped questions, and the group's metrics are `pope_scores`' dataset mean over the splits.
+shipped questions, and the group's metrics are `pope_scores`' dataset mean over the splits; the AMBER tasks'
+are `vlmscope.eval.amber.amber_scores` on the run's responses (what `vlmscope amber score` prints).
+The NLTK data AMBER's descriptions need come from ../shared/data/nltk, as in test_amber.py.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from vlmscope.eval.pope import load_question_sets, pope_scores  # noqa: E402
 from vlmscope.integrations.lmms_tasks import utils as task_utils  # noqa: E402
 
 LIMIT = 12  # the first two images of each split (six questions per image)
+AMBER_LIMIT = 4  # descriptions (512 new tokens each) and yes/no questions
+SHARED = Path(os.environ.get("VLMSCOPE_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared") / "data"
 MAX_NEW_TOKENS = 16  # the shipped template's
 METRICS = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "f1": "F1", "yes_ratio": "Yes_ratio"}
 GQA_SPLITS = ["gqa-random", "gqa-popular", "gqa-adversarial"]
@@ -65,13 +69,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "model": str(model_dir), "questions": questions, "tasks_path": tasks_path()}
 
 
-def run_lmms_eval(setup: dict, name: str, tasks: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("VLMSCOPE_COCO_DIR", "VLMSCOPE_GQA_DIR")}
+def run_lmms_eval(setup: dict, name: str, tasks: str, env_extra: dict[str, str],
+                  limit: int = LIMIT) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("VLMSCOPE_COCO_DIR", "VLMSCOPE_GQA_DIR", "VLMSCOPE_AMBER_DIR")}
     env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "HF_HOME": str(setup["root"] / "hf"), "TOKENIZERS_PARALLELISM": "false", **env_extra})
     command = [str(Path(sys.executable).parent / "lmms-eval"), "--model", "vlmscope",
                "--model_args", f"pretrained={setup['model']}", "--tasks", tasks,
-               "--include_path", setup["tasks_path"], "--limit", str(LIMIT), "--batch_size", "4", "--device", "cpu",
+               "--include_path", setup["tasks_path"], "--limit", str(limit), "--batch_size", "4", "--device", "cpu",
                "--output_path", str(setup["root"] / name), "--log_samples"]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
@@ -147,11 +152,93 @@ def test_missing_image_folder_variable_is_named_and_nothing_is_scored(setup: dic
     assert not list((setup["root"] / "no-folder").rglob("*_results.json"))
 
 
+# --- AMBER ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def nltk_data(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from vlmscope.eval import nltk_backend
+
+    if not nltk_backend.nltk_status().available:
+        source = SHARED / "nltk"
+        if not source.exists():
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(f"{source} is missing: CI must provide ../shared/data beside the repository")
+            pytest.skip(f"{source} not present (CI provides it beside the repository)")
+        dest = tmp_path_factory.mktemp("nltk_data")
+        nltk_backend.install_data(source, dest)
+        os.environ["NLTK_DATA"] = str(dest)  # for the lmms-eval subprocess
+    assert nltk_backend.nltk_status().available
+
+
+@pytest.fixture(scope="module")
+def amber_run(setup: dict, nltk_data: None) -> dict:
+    from vlmscope.eval.amber import amber_queries
+
+    root = setup["root"]
+    queries = {task: amber_queries(task)[:AMBER_LIMIT] for task in ("generative", "discriminative")}
+    write_images(root / "amber", [q for qs in queries.values() for q in qs])
+    proc = run_lmms_eval(setup, "amber", "vlmscope_amber_generative,vlmscope_amber_discriminative",
+                         {"VLMSCOPE_AMBER_DIR": str(root / "amber")}, limit=AMBER_LIMIT)
+    results = sorted((root / "amber").rglob("*_results.json"))
+    assert results, f"no lmms-eval results (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    samples = {}
+    for task in queries:
+        files = sorted((root / "amber").rglob(f"*_samples_vlmscope_amber_{task}.jsonl"))
+        assert files, f"no samples log of vlmscope_amber_{task}"
+        samples[task] = [json.loads(line) for line in files[-1].read_text().splitlines()]
+    return {"queries": queries, "samples": samples, "results": json.loads(results[-1].read_text())["results"]}
+
+
+def test_amber_responses_and_metrics_equal_vlmscope(setup: dict, amber_run: dict) -> None:
+    from vlmscope.eval.amber import amber_scores
+
+    vlm = vlmscope.load(setup["model"])
+    names = {"generative": {"chair": "CHAIR", "cover": "Cover", "hal": "Hal", "cog": "Cog"},
+             "discriminative": {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "f1": "F1",
+                                "yes_ratio": "Yes_ratio", "attribute_f1": "attribute/F1"}}
+    for task, queries in amber_run["queries"].items():
+        first = next(iter(names[task]))
+        logged = {r[first]["id"]: r["filtered_resps"][0] if isinstance(r["filtered_resps"], list)
+                  else r["filtered_resps"] for r in amber_run["samples"][task]}
+        assert sorted(logged) == [q["id"] for q in queries]  # the shipped files' first queries
+        max_new_tokens = 512 if task == "generative" else 16
+        expected = {}
+        for q in queries:
+            image = Image.open(setup["root"] / "amber" / q["image"]).convert("RGB")
+            expected[q["id"]] = vlm.generate(image, q["query"], max_new_tokens=max_new_tokens).text.strip()
+        assert logged == expected, task
+        metrics = amber_scores([{"id": i, "response": a} for i, a in expected.items()], task=task).metrics
+        results = amber_run["results"][f"vlmscope_amber_{task}"]
+        for metric, key in names[task].items():
+            assert results[f"{metric},none"] == metrics[key], (task, metric)
+        if task == "generative":
+            assert metrics["CHAIR"] > 0 and metrics["Cover"] > 0  # the descriptions name AMBER objects
+    # The first yes/no queries are all attribute questions: the other blocks have nothing to score.
+    assert amber_run["results"]["vlmscope_amber_discriminative"]["existence_f1,none"] is None
+
+
+def test_amber_counters_start_once_per_run() -> None:
+    # Two existence questions (truth no) and two attribute-state ones (truth yes, no), answered No, Yes, Yes, Yes.
+    docs = [{"id": i} for i in (8633, 8634, 1005, 1006)]
+    records = [task_utils.amber_process_results_discriminative(d, [r])["f1"]
+               for d, r in zip(docs, ["No", "Yes", "Yes", "Yes"])]
+    # By hand, the reference's counters over the run (the *_num ones start at 0.001): correct 2 of 4.001; "No"
+    # answers 1, right 1 of 1.001; truth no 3, found 1 of 3.001; F1 from the rounded percentages (+0.0001).
+    assert task_utils.discriminative_accuracy(records) == 50.0  # per-document counters averaged (amber_g): 49.95
+    assert task_utils.discriminative_precision(records) == 99.9  # averaged per document: 24.975
+    assert task_utils.discriminative_recall(records) == 33.3
+    assert task_utils.discriminative_f1(records) == round(2 * 0.999 * 0.333 / (0.999 + 0.333 + 0.0001) * 100, 1) == 49.9
+    assert task_utils.discriminative_yes_ratio(records) == 75.0  # the predictions': three Yes in four
+    assert task_utils.discriminative_existence_f1(records) == task_utils.amber_metrics(records, "discriminative")["existence/F1"]
+
+
 # --- in-process: the task functions -------------------------------------------------------------------------
 def test_missing_image_names_the_variable(setup: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLMSCOPE_GQA_DIR", str(setup["root"] / "coco"))  # a folder without the GQA images
     with pytest.raises(InputError, match=r"image not found: .*2405722\.jpg; set VLMSCOPE_GQA_DIR to the folder"):
         task_utils.doc_to_visual_gqa({"image": "2405722.jpg"})
+    monkeypatch.delenv("VLMSCOPE_AMBER_DIR", raising=False)
+    with pytest.raises(InputError, match="VLMSCOPE_AMBER_DIR is not set; set it to the folder holding AMBER images"):
+        task_utils.doc_to_visual_amber({"image": "AMBER_1.jpg"})
     monkeypatch.setenv("VLMSCOPE_COCO_DIR", str(setup["root"] / "nowhere"))
     with pytest.raises(InputError, match="VLMSCOPE_COCO_DIR=.* is not a folder; set VLMSCOPE_COCO_DIR"):
         task_utils.check_coco_dir([])

@@ -1,7 +1,8 @@
 """Functions of vlmscope's lmms-eval tasks (the YAML files next to this module name them as `!function utils.x`).
 
-lmms-eval loads this file by its path, as a module named `utils`, so it imports vlmscope absolutely and keeps
-no state: every function works from its arguments alone.
+lmms-eval loads this file by its path, as a module named `utils` (once per `!function`), so it imports vlmscope
+absolutely and keeps no state between functions: every function works from its arguments alone. The metrics
+are computed in the aggregations, over all the run's answers at once, by vlmscope's own scorers.
 
 Images come from the folder an environment variable names (`IMAGE_DIR_VARIABLES`). lmms-eval's CLI logs an
 evaluation error as one line and exits 0, so a missing variable or image raises `InputError` whose message names
@@ -18,13 +19,23 @@ from typing import Any
 from vlmscope.errors import InputError
 
 # The image folder of each dataset. A-OKVQA's POPE images are MSCOCO val2014 images under their COCO names.
-IMAGE_DIR_VARIABLES = {"coco": "VLMSCOPE_COCO_DIR", "aokvqa": "VLMSCOPE_COCO_DIR", "gqa": "VLMSCOPE_GQA_DIR"}
+IMAGE_DIR_VARIABLES = {"coco": "VLMSCOPE_COCO_DIR", "aokvqa": "VLMSCOPE_COCO_DIR", "gqa": "VLMSCOPE_GQA_DIR",
+                       "amber": "VLMSCOPE_AMBER_DIR"}
 IMAGE_FOLDER_CONTENTS = {
     "VLMSCOPE_COCO_DIR": "MSCOCO val2014 images (COCO_val2014_<12-digit id>.jpg)",
     "VLMSCOPE_GQA_DIR": "GQA images (<Visual Genome id>.jpg, from GQA's images.zip)",
+    "VLMSCOPE_AMBER_DIR": "AMBER images (AMBER_<id>.jpg, from AMBER's image download)",
 }
 # vlmscope's default POPE rule (POPE's and LLaVA's own parser); the task YAML records it as `pope_answer_rule`.
 POPE_RULE = "official"
+# `vlmscope eval amber`'s defaults; the task YAMLs record them as `amber_parser` / `amber_similarity`.
+AMBER_PARSER = "reference"
+AMBER_SIMILARITY = "auto"
+POPE_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+AMBER_GENERATIVE_METRICS = {"chair": "CHAIR", "cover": "Cover", "hal": "Hal", "cog": "Cog"}
+AMBER_DISCRIMINATIVE_METRICS = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "f1": "F1",
+                                "yes_ratio": "Yes_ratio", "existence_f1": "existence/F1",
+                                "attribute_f1": "attribute/F1", "relation_f1": "relation/F1"}
 
 
 def image_folder(variable: str) -> Path:
@@ -63,6 +74,24 @@ def check_gqa_dir(dataset: Any) -> Any:
     return dataset
 
 
+def check_amber_dir(dataset: Any) -> Any:
+    image_folder("VLMSCOPE_AMBER_DIR")
+    return dataset
+
+
+def check_amber_generative(dataset: Any) -> Any:
+    """The image folder, and that descriptions can be scored (NLTK data), before any description is generated."""
+    from vlmscope.eval.amber import check_scoring
+
+    image_folder("VLMSCOPE_AMBER_DIR")
+    check_scoring([{"id": 1}], AMBER_SIMILARITY)
+    return dataset
+
+
+def doc_to_visual_amber(doc: Mapping[str, Any]) -> list[Any]:
+    return [load_image("VLMSCOPE_AMBER_DIR", doc["image"])]
+
+
 def doc_to_visual_coco(doc: Mapping[str, Any]) -> list[Any]:
     return [load_image("VLMSCOPE_COCO_DIR", doc["image"])]
 
@@ -91,7 +120,7 @@ def pope_process_results(doc: Mapping[str, Any], results: Sequence[str]) -> dict
     record = {"question_id": doc["question_id"], "image": doc["image"], "label": label, "answer": answer,
               # For the samples log only; the aggregation parses the answer again through pope_scores.
               "parsed": parse_answer(answer, POPE_RULE, label), "rule": POPE_RULE}
-    return {metric: record for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+    return {metric: record for metric in POPE_METRICS}
 
 
 def pope_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -121,3 +150,87 @@ def pope_f1(records: Sequence[Mapping[str, Any]]) -> float:
 
 def pope_yes_ratio(records: Sequence[Mapping[str, Any]]) -> float:
     return pope_metrics(records)["Yes_ratio"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# AMBER
+
+
+def amber_doc_to_text(doc: Mapping[str, Any], lmms_eval_specific_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The AMBER query as written, between the task's `pre_prompt` and `post_prompt` (empty when shipped)."""
+    kwargs = lmms_eval_specific_kwargs or {}
+    return f"{kwargs.get('pre_prompt', '')}{doc['query']}{kwargs.get('post_prompt', '')}"
+
+
+def amber_process_results_generative(doc: Mapping[str, Any], results: Sequence[str]) -> dict[str, dict[str, Any]]:
+    record = {"id": int(doc["id"]), "response": results[0]}
+    return {metric: record for metric in AMBER_GENERATIVE_METRICS}
+
+
+def amber_process_results_discriminative(doc: Mapping[str, Any], results: Sequence[str]) -> dict[str, dict[str, Any]]:
+    from vlmscope.eval.amber import parse_answer
+
+    # `parsed` is for the samples log only; the aggregation parses the response again in amber_scores.
+    record = {"id": int(doc["id"]), "response": results[0], "parsed": parse_answer(results[0], AMBER_PARSER),
+              "parser": AMBER_PARSER}
+    return {metric: record for metric in AMBER_DISCRIMINATIVE_METRICS}
+
+
+def amber_metrics(records: Sequence[Mapping[str, Any]], task: str) -> dict[str, Any]:
+    """`vlmscope.eval.amber.amber_scores` of the run's responses: one pass over all of them, so the
+    reference's counters start at 0.001 once per run (lmms-eval's amber_g restarts them per document)."""
+    from vlmscope.eval.amber import amber_scores
+
+    rows = [{"id": int(r["id"]), "response": r["response"]} for r in records]
+    return amber_scores(rows, task=task, parser=AMBER_PARSER, similarity=AMBER_SIMILARITY).metrics
+
+
+# The aggregations' names must not contain "amber_": lmms-eval 0.7.3 (api/metrics.py stderr_for_metric) then
+# bootstraps them, re-scoring the run 100,000 times on documents drawn with replacement, whose repeated ids
+# amber_scores refuses.
+def generative_chair(records: Sequence[Mapping[str, Any]]) -> float | None:
+    return amber_metrics(records, "generative")["CHAIR"]
+
+
+def generative_cover(records: Sequence[Mapping[str, Any]]) -> float | None:
+    return amber_metrics(records, "generative")["Cover"]
+
+
+def generative_hal(records: Sequence[Mapping[str, Any]]) -> float | None:
+    return amber_metrics(records, "generative")["Hal"]
+
+
+def generative_cog(records: Sequence[Mapping[str, Any]]) -> float | None:
+    return amber_metrics(records, "generative")["Cog"]
+
+
+def discriminative_accuracy(records: Sequence[Mapping[str, Any]]) -> float | None:
+    return amber_metrics(records, "discriminative")["Accuracy"]
+
+
+def discriminative_precision(records: Sequence[Mapping[str, Any]]) -> float | None:
+    return amber_metrics(records, "discriminative")["Precision"]
+
+
+def discriminative_recall(records: Sequence[Mapping[str, Any]]) -> float | None:
+    return amber_metrics(records, "discriminative")["Recall"]
+
+
+def discriminative_f1(records: Sequence[Mapping[str, Any]]) -> float | None:
+    return amber_metrics(records, "discriminative")["F1"]
+
+
+def discriminative_yes_ratio(records: Sequence[Mapping[str, Any]]) -> float | None:
+    return amber_metrics(records, "discriminative")["Yes_ratio"]
+
+
+def discriminative_existence_f1(records: Sequence[Mapping[str, Any]]) -> float | None:
+    return amber_metrics(records, "discriminative")["existence/F1"]
+
+
+def discriminative_attribute_f1(records: Sequence[Mapping[str, Any]]) -> float | None:
+    return amber_metrics(records, "discriminative")["attribute/F1"]
+
+
+def discriminative_relation_f1(records: Sequence[Mapping[str, Any]]) -> float | None:
+    return amber_metrics(records, "discriminative")["relation/F1"]
