@@ -1,7 +1,7 @@
 """Functions of vlmscope's lmms-eval tasks (the YAML files next to this module name them as `!function utils.x`).
 
 lmms-eval loads this file by its path, as a module named `utils` (once per `!function`), so it imports vlmscope
-absolutely and keeps no state between functions: every function works from its arguments alone. The metrics
+absolutely and shares no state between functions: every function works from its arguments alone. The metrics
 are computed in the aggregations, over all the run's answers at once, by vlmscope's own scorers.
 
 Images come from the folder an environment variable names (`IMAGE_DIR_VARIABLES`). lmms-eval's CLI logs an
@@ -62,32 +62,10 @@ def load_image(variable: str, name: str) -> Any:
         return image.convert("RGB")
 
 
-# Checked when lmms-eval loads a task's documents (`process_docs`), before any request runs; images are
-# checked one by one as documents are answered, since `--limit` runs need only the first few.
-def check_coco_dir(dataset: Any) -> Any:
-    image_folder("VLMSCOPE_COCO_DIR")
-    return dataset
-
-
-def check_gqa_dir(dataset: Any) -> Any:
-    image_folder("VLMSCOPE_GQA_DIR")
-    return dataset
-
-
-def check_amber_dir(dataset: Any) -> Any:
-    image_folder("VLMSCOPE_AMBER_DIR")
-    return dataset
-
-
-def check_amber_generative(dataset: Any) -> Any:
-    """The image folder, and that descriptions can be scored (NLTK data), before any description is generated."""
-    from vlmscope.eval.amber import check_scoring
-
-    image_folder("VLMSCOPE_AMBER_DIR")
-    check_scoring([{"id": 1}], AMBER_SIMILARITY)
-    return dataset
-
-
+# The folder is checked by each task's doc_to_text: lmms-eval calls it on the first document when it builds the
+# task, before any request runs, and an error there reaches its log as it is ("Error during evaluation: <the
+# message>"; a `process_docs` error would be retried five times and then logged as a bare tenacity RetryError).
+# Images are checked one by one as documents are answered, since `--limit` runs need only the first few.
 def doc_to_visual_amber(doc: Mapping[str, Any]) -> list[Any]:
     return [load_image("VLMSCOPE_AMBER_DIR", doc["image"])]
 
@@ -104,10 +82,22 @@ def doc_to_visual_gqa(doc: Mapping[str, Any]) -> list[Any]:
 # POPE
 
 
-def pope_doc_to_text(doc: Mapping[str, Any], lmms_eval_specific_kwargs: Mapping[str, Any] | None = None) -> str:
-    """The POPE question, between the task's `pre_prompt` and `post_prompt` (both empty in the shipped tasks)."""
+def _prompt(question: str, lmms_eval_specific_kwargs: Mapping[str, Any] | None) -> str:
+    """The question between the task's `pre_prompt` and `post_prompt` (both empty in the shipped tasks)."""
     kwargs = lmms_eval_specific_kwargs or {}
-    return f"{kwargs.get('pre_prompt', '')}{doc['text']}{kwargs.get('post_prompt', '')}"
+    return f"{kwargs.get('pre_prompt', '')}{question}{kwargs.get('post_prompt', '')}"
+
+
+def pope_doc_to_text_coco(doc: Mapping[str, Any], lmms_eval_specific_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The POPE question (MSCOCO and A-OKVQA tasks: their images are in VLMSCOPE_COCO_DIR)."""
+    image_folder("VLMSCOPE_COCO_DIR")
+    return _prompt(doc["text"], lmms_eval_specific_kwargs)
+
+
+def pope_doc_to_text_gqa(doc: Mapping[str, Any], lmms_eval_specific_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The POPE question (GQA tasks: their images are in VLMSCOPE_GQA_DIR)."""
+    image_folder("VLMSCOPE_GQA_DIR")
+    return _prompt(doc["text"], lmms_eval_specific_kwargs)
 
 
 def pope_process_results(doc: Mapping[str, Any], results: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -157,9 +147,24 @@ def pope_yes_ratio(records: Sequence[Mapping[str, Any]]) -> float:
 
 
 def amber_doc_to_text(doc: Mapping[str, Any], lmms_eval_specific_kwargs: Mapping[str, Any] | None = None) -> str:
-    """The AMBER query as written, between the task's `pre_prompt` and `post_prompt` (empty when shipped)."""
-    kwargs = lmms_eval_specific_kwargs or {}
-    return f"{kwargs.get('pre_prompt', '')}{doc['query']}{kwargs.get('post_prompt', '')}"
+    """The AMBER query as written."""
+    image_folder("VLMSCOPE_AMBER_DIR")
+    return _prompt(doc["query"], lmms_eval_specific_kwargs)
+
+
+_SCORING_CHECKED: list[bool] = []  # per loaded copy of this module: lmms-eval loads one per `!function`
+
+
+def amber_doc_to_text_generative(doc: Mapping[str, Any],
+                                 lmms_eval_specific_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The AMBER query, once it is known that descriptions can be scored (NLTK data, the similarity step):
+    refused before any description is generated, not after."""
+    if not _SCORING_CHECKED:
+        from vlmscope.eval.amber import check_scoring
+
+        check_scoring([{"id": 1}], AMBER_SIMILARITY)
+        _SCORING_CHECKED.append(True)
+    return amber_doc_to_text(doc, lmms_eval_specific_kwargs)
 
 
 def amber_process_results_generative(doc: Mapping[str, Any], results: Sequence[str]) -> dict[str, dict[str, Any]]:
