@@ -12,6 +12,7 @@ the variable and what the folder must hold; it appears in that line ("Error duri
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,14 @@ def amber_metrics(records: Sequence[Mapping[str, Any]], task: str) -> dict[str, 
 # bootstraps them, re-scoring the run 100,000 times on documents drawn with replacement, whose repeated ids
 # amber_scores refuses.
 def generative_chair(records: Sequence[Mapping[str, Any]]) -> float | None:
-    return amber_metrics(records, "generative")["CHAIR"]
+    from vlmscope.eval.amber import amber_scores
+
+    rows = [{"id": int(r["id"]), "response": r["response"]} for r in records]
+    result = amber_scores(rows, task="generative", parser=AMBER_PARSER, similarity=AMBER_SIMILARITY)
+    # lmms-eval's results keep numbers only: whether the similarity step ran is said here, in its log.
+    print(f"vlmscope_amber_generative: {len(rows)} descriptions, nouns: {result.settings['nouns']}; similarity "
+          f"step: {result.settings['similarity']}", file=sys.stderr)
+    return result.metrics["CHAIR"]
 
 
 def generative_cover(records: Sequence[Mapping[str, Any]]) -> float | None:
