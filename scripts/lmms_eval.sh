@@ -7,8 +7,8 @@
 # non-editably from a copy of pyproject.toml + src/ (so its `lmms_eval.models` entry point is registered:
 # PYTHONPATH alone does not register entry points, and nothing is written into the worktree), on every run, so
 # the entry point follows the worktree. The tests import the worktree's src/ through PYTHONPATH.
-# Then it runs tests/test_lmms_eval_plugin.py and tests/test_lmms_eval_tasks.py there (about 3 minutes). Building the venv takes 3 minutes (pip's
-# cache warm) to about 6 (cold) and 7 GB; it pulls its own torch 2.14 + torchvision.
+# Then it runs tests/test_lmms_eval_plugin.py and tests/test_lmms_eval_tasks.py there (about 3 minutes). Building
+# the venv takes 3 minutes (pip's cache warm) to about 6 (cold) and 7 GB; it pulls its own torch 2.14 + torchvision.
 # Without the package index: under CI=true it fails with one line; elsewhere it says so and skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -10,7 +10,8 @@ from typing import Any
 def register(sub: Any) -> None:
     parser = sub.add_parser(
         "lmms-tasks-path",
-        help="print the folder of vlmscope's lmms-eval tasks (vlmscope_pope_*), for lmms-eval --include_path",
+        help="print the folder of vlmscope's lmms-eval tasks (vlmscope_pope_*, vlmscope_amber_*), for lmms-eval "
+        "--include_path",
     )
     parser.set_defaults(func=run)
 
