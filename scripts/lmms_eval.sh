@@ -7,8 +7,8 @@
 # non-editably from a copy of pyproject.toml + src/ (so its `lmms_eval.models` entry point is registered:
 # PYTHONPATH alone does not register entry points, and nothing is written into the worktree), on every run, so
 # the entry point follows the worktree. The tests import the worktree's src/ through PYTHONPATH.
-# Then it runs tests/test_lmms_eval_plugin.py there (about 2 minutes). Building the venv takes 3 minutes (pip's
-# cache warm) to about 6 (cold) and 7 GB; it pulls its own torch 2.14 + torchvision.
+# Then it runs tests/test_lmms_eval_plugin.py and tests/test_lmms_eval_tasks.py there (about 3 minutes). Building
+# the venv takes 3 minutes (pip's cache warm) to about 6 (cold) and 7 GB; it pulls its own torch 2.14 + torchvision.
 # Without the package index: under CI=true it fails with one line; elsewhere it says so and skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,4 +45,4 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # The test starts the venv's `lmms-eval` console script: its bin/ goes first on PATH.
 PATH="$PWD/$venv/bin:$PATH" PYTHONPATH="$PWD/src" \
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider --basetemp="$basetemp/pytest" tests/test_lmms_eval_plugin.py "$@"
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider --basetemp="$basetemp/pytest" tests/test_lmms_eval_plugin.py tests/test_lmms_eval_tasks.py "$@"

@@ -4,6 +4,9 @@
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,decoding=opera:num_beams=5,interventions=pai:alpha=0.2 \\
         --tasks pope --batch_size 8
 
+vlmscope's own benchmarks (POPE on MSCOCO / A-OKVQA / GQA, AMBER), scored by vlmscope, are lmms-eval tasks in
+`vlmscope.integrations.lmms_tasks`: `--include_path "$(vlmscope lmms-tasks-path)" --tasks vlmscope_pope_gqa_random`.
+
 Registered through the `lmms_eval.models` entry point (`manifests` below), so stock `pip install lmms-eval`
 finds it once vlmscope is installed; lmms-eval is imported only here, and nothing in vlmscope imports this.
 
