@@ -19,6 +19,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+@pytest.fixture(scope="session")
+def nltk_data(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """NLTK's tagger and WordNet for the exact noun path (AMBER, CHAIR): installed from ../shared/data/nltk
+    into a temporary folder when not already found; a failure under CI=true, a skip elsewhere."""
+    from vlmscope.eval import nltk_backend
+
+    if not nltk_backend.nltk_status().available:
+        source = Path(os.environ.get("VLMSCOPE_SHARED_DIR") or SHARED) / "data" / "nltk"
+        if not source.exists():
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(f"{source} is missing: CI must provide ../shared/data beside the repository")
+            pytest.skip(f"{source} not present (CI provides it beside the repository)")
+        dest = tmp_path_factory.mktemp("nltk_data")
+        nltk_backend.install_data(source, dest)
+        os.environ["NLTK_DATA"] = str(dest)  # for CLI and lmms-eval subprocesses
+    assert nltk_backend.nltk_status().available
+
+
 def make_image(seed: int, width: int = 48, height: int = 40):
     from PIL import Image
 

@@ -8,7 +8,6 @@ The fixture tests/data/parity/amber/reference.json holds what the reference prin
 from __future__ import annotations
 
 import json
-import os
 import sys
 import types
 from pathlib import Path
@@ -16,28 +15,15 @@ from pathlib import Path
 import pytest
 
 from vlmscope.errors import InputError
-from vlmscope.eval import amber, nltk_backend
+from vlmscope.eval import amber
 from vlmscope.eval.amber import TableSimilarity, amber_queries, amber_scores, load_amber_data, parse_answer
 
 PARITY = Path(__file__).parent / "data" / "parity" / "amber"
-SHARED = Path(os.environ.get("VLMSCOPE_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared") / "data"
 # The reference's printed section → our group.
 SECTIONS = {"Generative Task": "generative", "Descriminative Task": "discriminative", "Exsitence": "existence",
             "Attribute": "attribute", "State": "state", "Number": "number", "Action": "action", "Relation": "relation"}
 
 
-@pytest.fixture(scope="session")
-def nltk_data(tmp_path_factory: pytest.TempPathFactory) -> None:
-    if not nltk_backend.nltk_status().available:
-        source = SHARED / "nltk"
-        if not source.exists():
-            if os.environ.get("CI", "").lower() == "true":
-                pytest.fail(f"{source} is missing: CI must provide ../shared/data beside the repository")
-            pytest.skip(f"{source} not present (CI provides it beside the repository)")
-        dest = tmp_path_factory.mktemp("nltk_data")
-        nltk_backend.install_data(source, dest)
-        os.environ["NLTK_DATA"] = str(dest)  # for CLI subprocesses
-    assert nltk_backend.nltk_status().available
 
 
 def _reference() -> dict:

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 from stock_oracles import stock_greedy_text
-from test_amber import PARITY, nltk_data  # noqa: F401 (fixture)
+from test_amber import PARITY
 
 from vlmscope.eval.amber import amber_scores, select_queries
 
@@ -34,7 +34,7 @@ def _snapshot(folder):
 
 
 @pytest.fixture(scope="module")
-def amber_run(tmp_path_factory, nltk_data):  # noqa: F811
+def amber_run(tmp_path_factory, nltk_data):
     from vlmscope.cli import main
 
     root = tmp_path_factory.mktemp("amber")
@@ -110,7 +110,7 @@ def test_kill_resume_rescore_and_refusals(amber_run, tmp_path, capsys):
     (["--rule", "exact"], "--rule does not apply"),
     (["--amber-similarity", "missing.json"], "similarity table not found"),
 ])
-def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, nltk_data, extra, message):  # noqa: F811
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, nltk_data, extra, message):
     from vlmscope.cli import main
 
     data = _amber_dir(tmp_path)
@@ -129,7 +129,7 @@ def test_amber_option_on_a_coco_task_is_refused(tmp_path, capsys):
     assert "AMBER option" in capsys.readouterr().err
 
 
-def test_amber_score_command(tmp_path, capsys, nltk_data):  # noqa: F811
+def test_amber_score_command(tmp_path, capsys, nltk_data):
     from vlmscope.cli import main
 
     responses = PARITY / "responses.json"

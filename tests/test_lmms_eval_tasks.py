@@ -31,7 +31,6 @@ from vlmscope.integrations.lmms_tasks import utils as task_utils  # noqa: E402
 
 LIMIT = 12  # the first two images of each split (six questions per image)
 AMBER_LIMIT = 4  # descriptions (512 new tokens each) and yes/no questions
-SHARED = Path(os.environ.get("VLMSCOPE_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared") / "data"
 MAX_NEW_TOKENS = 16  # the shipped template's
 METRICS = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "f1": "F1", "yes_ratio": "Yes_ratio"}
 GQA_SPLITS = ["gqa-random", "gqa-popular", "gqa-adversarial"]
@@ -155,20 +154,6 @@ def test_missing_image_folder_variable_is_named_and_nothing_is_scored(setup: dic
 
 
 # --- AMBER ----------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def nltk_data(tmp_path_factory: pytest.TempPathFactory) -> None:
-    from vlmscope.eval import nltk_backend
-
-    if not nltk_backend.nltk_status().available:
-        source = SHARED / "nltk"
-        if not source.exists():
-            if os.environ.get("CI", "").lower() == "true":
-                pytest.fail(f"{source} is missing: CI must provide ../shared/data beside the repository")
-            pytest.skip(f"{source} not present (CI provides it beside the repository)")
-        dest = tmp_path_factory.mktemp("nltk_data")
-        nltk_backend.install_data(source, dest)
-        os.environ["NLTK_DATA"] = str(dest)  # for the lmms-eval subprocess
-    assert nltk_backend.nltk_status().available
 
 
 @pytest.fixture(scope="module")
