@@ -651,12 +651,20 @@ class _OperaSearch:
         beams, vocab = logits.shape
         banned = sample.banned_now.to(logits.device)
         if self.cfg.faithful:
-            shifted = logits - (-REFERENCE_FILLER + logits.min(dim=-1, keepdim=True).values)
+            # The reference shifts by the row minimum; over finite entries only, so that a logits rewrite that
+            # leaves -inf entries (DeCo's candidate cut) does not turn the row into NaN. With finite logits (the
+            # reference's case) this is the same minimum.
+            finite_min = logits.masked_fill(~torch.isfinite(logits), float("inf")).min(dim=-1, keepdim=True).values
+            shifted = logits - (-REFERENCE_FILLER + finite_min)
             flat = shifted.reshape(-1).clone()
             flat[banned] = REFERENCE_FILLER
         else:
             flat = logits.reshape(-1).clone()
             flat[banned] = float("-inf")
+            if not torch.isfinite(flat).any():
+                # Every finite choice is banned (a logits rewrite left only the banned tokens): re-choose as if
+                # nothing were banned rather than from a row of -inf (NaN scores).
+                flat = logits.reshape(-1).clone()
         return torch.log_softmax(flat.view(beams, vocab), dim=-1)
 
     def _candidate_logprobs(self, logits: torch.Tensor, cand_tokens: torch.Tensor, cand_logits: torch.Tensor
