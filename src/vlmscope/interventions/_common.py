@@ -207,9 +207,9 @@ def plausibility_cut(reference: torch.Tensor, values: torch.Tensor, beta: float)
 
 
 class BranchContrastState(InterventionState):
-    """Per-run state of a method that replaces the next-token scores by a contrast with a second branch (ICD,
-    M3ID): the branch is built at each prefill (`build_branch`), follows beam reorders and is closed with the
-    run; `contrast` combines the main scores with the branch's."""
+    """Per-run state of a method that replaces the next-token scores by a contrast with a second branch (VCD,
+    ICD, M3ID, SID): the branch is built at each prefill (`build_branch`), follows beam reorders and is closed
+    with the run; `contrast` combines the main scores with the branch's."""
 
     def __init__(self, spec: Any, run: Any) -> None:
         super().__init__(spec, run)

@@ -37,8 +37,8 @@ from vlmscope.attention.engine import (
 )
 from vlmscope.decoding.session import GenerationRun
 from vlmscope.errors import InputError
-from vlmscope.interventions._common import Branch, plausibility_cut
-from vlmscope.interventions.base import INTERVENTIONS, Intervention, InterventionState
+from vlmscope.interventions._common import Branch, BranchContrastState, plausibility_cut
+from vlmscope.interventions.base import INTERVENTIONS, Intervention
 from vlmscope.models.adapters import Adapter
 
 
@@ -119,38 +119,19 @@ class SID(Intervention):
         return _SIDRun(self, run)
 
 
-class _SIDRun(InterventionState):
+class _SIDRun(BranchContrastState):
     """SID's per-run state: the self-introspective branch."""
 
     spec: SID
 
-    def __init__(self, spec: SID, run: GenerationRun) -> None:
-        super().__init__(spec, run)
-        self._branch: _SIDBranch | None = None
-
     def prepare(self, run: GenerationRun) -> None:
         self.check_layer(run.adapter)
 
-    def setup(self, run: GenerationRun) -> None:
-        if self._branch is not None:
-            self._branch.close()  # a second prefill of the same run restarts the branch
+    def build_branch(self, run: GenerationRun) -> _SIDBranch:
         batch = run.batch
-        self._branch = _SIDBranch(run.model, run.adapter, batch.input_ids, batch.attention_mask, batch.model_inputs,
-                                  image_mask=batch.image_mask, layer=self.layer, keep=self.keep,
-                                  depth=run.adapter.num_layers)
+        return _SIDBranch(run.model, run.adapter, batch.input_ids, batch.attention_mask, batch.model_inputs,
+                          image_mask=batch.image_mask, layer=self.layer, keep=self.keep,
+                          depth=run.adapter.num_layers)
 
-    def process_logits(self, logits: torch.Tensor, run: GenerationRun, new_tokens: torch.Tensor | None
-                       ) -> torch.Tensor:
-        if self._branch is None:
-            return logits
-        introspective = self._branch.step(new_tokens)
+    def contrast(self, logits: torch.Tensor, introspective: torch.Tensor, run: GenerationRun) -> torch.Tensor:
         return plausibility_cut(logits, (1.0 + self.alpha) * logits - self.alpha * introspective, self.beta)
-
-    def reorder(self, index: torch.Tensor) -> None:
-        if self._branch is not None:
-            self._branch.reorder(index)
-
-    def close(self) -> None:
-        if self._branch is not None:
-            self._branch.close()
-        self._branch = None

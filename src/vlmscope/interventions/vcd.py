@@ -23,8 +23,8 @@ import torch
 
 from vlmscope.decoding.session import GenerationRun
 from vlmscope.errors import InputError
-from vlmscope.interventions._common import Branch, plausibility_cut
-from vlmscope.interventions.base import INTERVENTIONS, Intervention, InterventionState
+from vlmscope.interventions._common import Branch, BranchContrastState, plausibility_cut
+from vlmscope.interventions.base import INTERVENTIONS, Intervention
 
 NUM_DIFFUSION_STEPS = 1000
 
@@ -90,44 +90,17 @@ class VCD(Intervention):
         return _VCDRun(self, run)
 
 
-class _VCDRun(InterventionState):
+class _VCDRun(BranchContrastState):
     """VCD's per-run state: the noised-image branch."""
 
     spec: VCD
 
-    def __init__(self, spec: VCD, run: GenerationRun) -> None:
-        super().__init__(spec, run)
-        self._branch: Branch | None = None
-        self._run: GenerationRun | None = None
-
-    def prepare(self, run: GenerationRun) -> None:
-        self._branch = None
-        self._run = None
-
-    def setup(self, run: GenerationRun) -> None:
-        if self._run is run and self._branch is not None:
-            self._branch.close()  # a second prefill of the same run restarts the branch
-        self._run = run
+    def build_branch(self, run: GenerationRun) -> Branch:
         batch = run.batch
         views = getattr(run.adapter, "packed_views_per_row", None)
         inputs = noised_model_inputs(batch.model_inputs, self.noise_step, self.noise_seed,
                                      views(batch) if views is not None else None)
-        self._branch = Branch(run.model, run.adapter, batch.input_ids, batch.attention_mask, inputs)
+        return Branch(run.model, run.adapter, batch.input_ids, batch.attention_mask, inputs)
 
-    def process_logits(self, logits: torch.Tensor, run: GenerationRun, new_tokens: torch.Tensor | None
-                       ) -> torch.Tensor:
-        if self._branch is None:
-            return logits
-        noised = self._branch.step(new_tokens)
-        contrast = (1.0 + self.alpha) * logits - self.alpha * noised
-        return plausibility_cut(logits, contrast, self.beta)
-
-    def reorder(self, index: torch.Tensor) -> None:
-        if self._branch is not None:
-            self._branch.reorder(index)
-
-    def close(self) -> None:
-        if self._branch is not None:
-            self._branch.close()
-        self._branch = None
-        self._run = None
+    def contrast(self, logits: torch.Tensor, noised: torch.Tensor, run: GenerationRun) -> torch.Tensor:
+        return plausibility_cut(logits, (1.0 + self.alpha) * logits - self.alpha * noised, self.beta)
