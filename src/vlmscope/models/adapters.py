@@ -230,6 +230,12 @@ class LlavaNextAdapter(Adapter):
 
     family = "llava_next"
     model_types = ("llava_next",)
+    layout_name = "LLaVA-NeXT"
+    layout_hint = ""  # appended to the layout-mismatch error
+
+    def packed_tile_size(self, side: int, height: int, width: int) -> tuple[int, int]:
+        """The tile grid the model packs, from the unpadded one (LLaVA-NeXT packs it as it is)."""
+        return height, width
 
     def image_grids(self, batch: Batch, row: int) -> list[ImageGrid]:
         config = self.model.config
@@ -239,11 +245,12 @@ class LlavaNextAdapter(Adapter):
         best_h, best_w = _select_best_resolution((height, width), config.image_grid_pinpoints)
         tiles_h, tiles_w = best_h // vision.image_size, best_w // vision.image_size
         cur_h, cur_w = tiles_h * side, tiles_w * side
-        new_h, new_w = _unpadded_size(height, width, cur_h, cur_w)
+        new_h, new_w = self.packed_tile_size(side, *_unpadded_size(height, width, cur_h, cur_w))
         n = int(batch.image_mask[row].sum())
         expected = side * side + new_h * (new_w + 1)
         if n != expected:
-            raise InputError(f"LLaVA-NeXT layout mismatch: {n} image tokens, expected {expected}")
+            raise InputError(f"{self.layout_name} layout mismatch: {n} image tokens, expected {expected}"
+                             f"{self.layout_hint}")
         # The unpadded tile grid covers the whole image; the base view is the image resized to a square.
         return [
             ImageGrid("base", 0, side, side, side),

@@ -44,8 +44,6 @@ from vlmscope.models.adapters import (
     ImageGrid,
     LlavaNextAdapter,
     Qwen2VLAdapter,
-    _select_best_resolution,
-    _unpadded_size,
 )
 
 
@@ -54,29 +52,17 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     family = "llava_onevision"
     model_types = ("llava_onevision",)
+    layout_name = "LLaVA-OneVision"
+    layout_hint = " (one image per prompt)"
 
-    def image_grids(self, batch: Batch, row: int) -> list[ImageGrid]:
-        config = self.model.config
-        vision = config.vision_config
-        side = vision.image_size // vision.patch_size
-        width, height = batch.image_sizes[row]
-        best_h, best_w = _select_best_resolution((height, width), config.image_grid_pinpoints)
-        tiles_h, tiles_w = best_h // vision.image_size, best_w // vision.image_size
-        new_h, new_w = _unpadded_size(height, width, tiles_h * side, tiles_w * side)
+    def packed_tile_size(self, side: int, height: int, width: int) -> tuple[int, int]:
         # The model packs by its config's aspect-ratio rule (the processor only counts placeholders).
+        config = self.model.config
         max_tiles = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).removeprefix("anyres_max_"))
-        ratio = math.sqrt(new_h * new_w / (max_tiles * side**2))
+        ratio = math.sqrt(height * width / (max_tiles * side**2))
         if ratio > 1.1:
-            new_h, new_w = int(new_h // ratio), int(new_w // ratio)
-        n = int(batch.image_mask[row].sum())
-        expected = side * side + new_h * (new_w + 1)
-        if n != expected:
-            raise InputError(f"LLaVA-OneVision layout mismatch: {n} image tokens, expected {expected} "
-                             "(one image per prompt)")
-        return [
-            ImageGrid("base", 0, side, side, side),
-            ImageGrid("tiles", side * side, new_h, new_w, new_w + 1),
-        ]
+            height, width = int(height // ratio), int(width // ratio)
+        return height, width
 
 
 class Gemma3Adapter(Adapter):
