@@ -11,6 +11,7 @@ the variable and what the folder must hold; it appears in that line ("Error duri
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -185,23 +186,27 @@ def amber_process_results_discriminative(doc: Mapping[str, Any], results: Sequen
 def amber_metrics(records: Sequence[Mapping[str, Any]], task: str) -> dict[str, Any]:
     """`vlmscope.eval.amber.amber_scores` of the run's responses: one pass over all of them, so the
     reference's counters start at 0.001 once per run (lmms-eval's amber_g restarts them per document)."""
+    return _amber_result(tuple((int(r["id"]), r["response"]) for r in records), task).metrics
+
+
+@functools.lru_cache(maxsize=2)
+def _amber_result(responses: tuple[tuple[int, str], ...], task: str) -> Any:
+    # Each metric is its own lmms-eval aggregation over the same records: score the run once, not per metric
+    # (the generative pass tags every description).
     from vlmscope.eval.amber import amber_scores
 
-    rows = [{"id": int(r["id"]), "response": r["response"]} for r in records]
-    return amber_scores(rows, task=task, parser=AMBER_PARSER, similarity=AMBER_SIMILARITY).metrics
+    rows = [{"id": item_id, "response": response} for item_id, response in responses]
+    return amber_scores(rows, task=task, parser=AMBER_PARSER, similarity=AMBER_SIMILARITY)
 
 
 # The aggregations' names must not contain "amber_": lmms-eval 0.7.3 (api/metrics.py stderr_for_metric) then
 # bootstraps them, re-scoring the run 100,000 times on documents drawn with replacement, whose repeated ids
 # amber_scores refuses.
 def generative_chair(records: Sequence[Mapping[str, Any]]) -> float | None:
-    from vlmscope.eval.amber import amber_scores
-
-    rows = [{"id": int(r["id"]), "response": r["response"]} for r in records]
-    result = amber_scores(rows, task="generative", parser=AMBER_PARSER, similarity=AMBER_SIMILARITY)
+    result = _amber_result(tuple((int(r["id"]), r["response"]) for r in records), "generative")
     # lmms-eval's results keep numbers only: whether the similarity step ran is said here, in its log.
-    print(f"vlmscope_amber_generative: {len(rows)} descriptions, nouns: {result.settings['nouns']}; similarity "
-          f"step: {result.settings['similarity']}", file=sys.stderr)
+    print(f"vlmscope_amber_generative: {len(records)} descriptions, nouns: {result.settings['nouns']}; "
+          f"similarity step: {result.settings['similarity']}", file=sys.stderr)
     return result.metrics["CHAIR"]
 
 
