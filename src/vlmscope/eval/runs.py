@@ -37,17 +37,15 @@ __all__ = ["KINDS", "RESCORED_KEYS", "RUN_FILE", "RunFolder", "ids_digest", "run
            "run_pope_folder"]
 
 RUN_FILE = "run.json"
-KINDS = {"eval-chair": ("captions.jsonl", "image_id"), "eval-pope": ("answers.jsonl", "qkey")}
+KINDS = {"eval-chair": ("captions.jsonl", "image_id"), "eval-pope": ("answers.jsonl", "qkey"),
+         "eval-amber": ("responses.jsonl", "id")}
 # Files and folders a run writes; only these are replaced or removed.
-OWNED = frozenset({RUN_FILE, "captions.jsonl", "answers.jsonl", "metrics.json", "metrics.md", "chair_details.json",
-                   "pope_details.json",
-                   "shards"})
+OWNED = frozenset({RUN_FILE, "captions.jsonl", "answers.jsonl", "responses.jsonl", "metrics.json", "metrics.md",
+                   "chair_details.json", "pope_details.json", "amber_details.json", "shards"})
 # Settings that only change the scoring of stored rows: a resume may change them (metrics are recomputed).
-RESCORED_KEYS = frozenset({"rule", "gt_objects", "normaliser", "synonyms", "bootstrap", "bootstrap_seed"})
-# AMBER (vlmscope.eval.amber): its run kind and files; its answer parser and similarity step only rescore.
-KINDS["eval-amber"] = ("responses.jsonl", "id")
-OWNED = OWNED | {"responses.jsonl", "amber_details.json"}
-RESCORED_KEYS = RESCORED_KEYS | {"amber_parser", "amber_similarity"}
+# AMBER's answer parser and similarity step are among them.
+RESCORED_KEYS = frozenset({"rule", "gt_objects", "normaliser", "synonyms", "bootstrap", "bootstrap_seed",
+                           "amber_parser", "amber_similarity"})
 
 
 def ids_digest(keys: Sequence[Any]) -> str:
