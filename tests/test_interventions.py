@@ -511,3 +511,24 @@ def test_codebook_conflicts_are_declared(vlm, specs, message):
     # Checked before any state exists: the codebook file is not even read.
     with pytest.raises(InputError, match=message):
         _generate(vlm, specs, n=2)
+
+
+def test_hooks_called_half_registered_from_another_thread_leave_that_forward_alone(vlm, monkeypatch):
+    """torch adds a kwargs pre-hook in two steps, so another thread's forward on the same model can call it
+    without kwargs (seen as a TypeError in the two-thread test above): FastV's and the early-exit methods'
+    hooks must then do nothing, as for any call that is not their run's."""
+    hooks = []
+    real = torch.nn.Module.register_forward_pre_hook
+
+    def recording(module, hook, *, with_kwargs=False, **kw):
+        hooks.append(hook)
+        return real(module, hook, with_kwargs=with_kwargs, **kw)
+
+    monkeypatch.setattr(torch.nn.Module, "register_forward_pre_hook", recording)
+    for spec in ("fastv:k=1,ratio=0.5", "dola:layers=[1]"):
+        hooks.clear()
+        vlm.generate(IMAGES[0], PROMPTS[0], max_new_tokens=2, interventions=spec)
+        assert hooks, spec
+        hidden = torch.zeros(1, 3, vlm.model.config.text_config.hidden_size)
+        for hook in hooks:  # outside the run, called the way torch calls a plain pre-hook
+            assert hook(torch.nn.Identity(), (hidden,)) is None, spec

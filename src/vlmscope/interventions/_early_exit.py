@@ -49,7 +49,9 @@ class EarlyExitState(InterventionState):
         return active_plan() is self.run.plan
 
     def _hold(self, j: int) -> Any:
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        # `kwargs` may be missing: torch registers a kwargs hook in two steps, and another thread's forward on the
+        # same model can run it in between (that call is never ours).
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> None:
             if self._ours():
                 self._states[j] = args[0] if args else kwargs["hidden_states"]
         return hook

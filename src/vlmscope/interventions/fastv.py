@@ -238,11 +238,14 @@ class _FastVRun(InterventionState):
         return torch.cat([dropped, pad], dim=1)
 
     # --- the decoder-layer pre-hook ------------------------------------------------------------------------------
-    def _pre_hook(self, layer: int, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-                  ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    def _pre_hook(self, layer: int, module: torch.nn.Module, args: tuple[Any, ...],
+                  kwargs: dict[str, Any] | None = None) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         plan = active_plan()
-        if plan is None or plan is not self._plan:
-            return None  # a branch forward (VCD, CFG) or a foreign call: leave it alone
+        if plan is None or plan is not self._plan or kwargs is None:
+            # A branch forward (VCD, CFG) or a foreign call: leave it alone. `kwargs` is missing only when torch
+            # runs this hook half-registered (it adds a kwargs hook in two steps) from another thread's forward
+            # on the same model, which is never this run's.
+            return None
         hidden = args[0] if args else kwargs["hidden_states"]
         # A full-sequence forward: the prefill, or with rerank=every_step every forward.
         prefill = hidden.shape[1] > 1 and (plan.step == 0 or self.rerank == "every_step")
